@@ -1,0 +1,193 @@
+"""Every train.py flag, defined once.
+
+`TrainConfig` is the single source of truth: the argparse parser, `--help`, the checks of flag
+combinations and the `training_config.json` written beside every saved model all come from it.
+The seed's flags keep the seed's names and defaults; ours follow them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+FINETUNE_TYPES = ("lora", "qlora", "full")
+POOLINGS = ("last", "mean", "cls")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+APPEND_EOS = ("auto", "yes", "no")
+
+
+def _flag(help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its --help text (and choices/required) for the parser."""
+    default = kw.pop("default", dataclasses.MISSING)
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- the seed's flags (names and defaults as the user wrote them) ---
+    model_name_or_path: str = _flag("Base model: a local Hugging Face folder or a hub id.")
+    train_dataset: str = _flag('Training JSONL, one {"query", "pos": [...], "neg": [...]} per line.')
+    output_dir: str = _flag("Where final/, checkpoints, JSON logs and runs/ (TensorBoard) go.")
+    batch_size: int = _flag("Queries per optimizer micro-step on each process.")
+    finetune_type: str = _flag(
+        "lora: PEFT adapters on a frozen base; qlora: the same on a 4/8-bit quantized base "
+        "(bitsandbytes); full: every weight trains.",
+        default="qlora",
+        choices=FINETUNE_TYPES,
+    )
+    quantization_bits: int = _flag(
+        "QLoRA only: 4 (NF4, double quantization) or 8 (LLM.int8).", default=4, choices=(4, 8)
+    )
+    lr: float = _flag("Peak learning rate (the seed suggests 1e-4 for LoRA/QLoRA, 1e-5 for full).",
+                      default=1e-4)
+    epochs: int = _flag("Passes over the training data.", default=2)
+    neg_nums: int = _flag(
+        "Hard negatives per query, drawn from its `neg` list each epoch (topped up from other "
+        "rows' passages when a row has fewer).", default=2)
+    temperature: float = _flag("InfoNCE temperature; scores are cosine / temperature.", default=0.02)
+    query_max_len: int = _flag("Max tokens of a query, instruction and EOS included.", default=256)
+    passage_max_len: int = _flag("Max tokens of a passage, EOS included.", default=1024)
+    lora_r: int = _flag("LoRA rank.", default=8)
+    lora_alpha: int = _flag("LoRA alpha (scaling = alpha / r).", default=32)
+    lora_dropout: float = _flag("Dropout on the LoRA branch.", default=0.1)
+    save_on_epoch_end: int = _flag("1: write checkpoint-epoch-N/ after every epoch; 0: don't.",
+                                   default=1, choices=(0, 1))
+    warmup_proportion: float = _flag(
+        "Share of optimizer steps spent warming the learning rate up linearly from 0; "
+        "it then decays linearly to 0.", default=0.05)
+    # --- ours ---
+    pooling: str = _flag(
+        "How token states become one vector: last (last real token; decoders such as gte-Qwen2), "
+        "mean (encoders such as MiniLM), cls.", default="last", choices=POOLINGS)
+    query_instruction: str = _flag(
+        "Prefix added to every query, e.g. 'Instruct: Given a question, retrieve passages that "
+        "answer it\\nQuery: '. Passages get none.", default="")
+    append_eos: str = _flag(
+        "Append the EOS token to every text. auto: yes for last pooling when the tokenizer does "
+        "not add it itself (how gte-Qwen2 and Qwen3-Embedding were trained).",
+        default="auto", choices=APPEND_EOS)
+    lora_target_modules: str = _flag(
+        "Comma-separated module names to adapt. Default: every linear layer inside the "
+        "transformer blocks (attention and MLP), found from the model.", default="")
+    gradient_accumulation_steps: int = _flag(
+        "Micro-steps per optimizer step. It does not add in-batch negatives.", default=1)
+    max_grad_norm: float = _flag("Clip the global gradient norm to this (0 = no clipping).",
+                                 default=1.0)
+    weight_decay: float = _flag("AdamW weight decay (not applied to biases and norms).",
+                                default=0.0)
+    seed: int = _flag("Seed for initialisation, shuffling and negative sampling.", default=42)
+    num_workers: int = _flag("DataLoader worker processes.", default=0)
+    max_steps: int = _flag("Stop after this many optimizer steps (0 = run all epochs).", default=0)
+    logging_steps: int = _flag("Write a log record every N optimizer steps.", default=1)
+    mixed_precision: str = _flag(
+        "Autocast through Accelerate: no, fp16 or bf16. Under lora/qlora the frozen base is also "
+        "loaded in that dtype to save memory.", default="no", choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = _flag(
+        "Recompute activations in the backward pass: less memory, ~30%% more time.", default=False)
+    overwrite_output_dir: bool = _flag(
+        "Allow writing into a non-empty --output_dir (its old contents are removed first).",
+        default=False)
+    trust_remote_code: bool = _flag("Run the model repository's own Python code. Off unless asked.",
+                                    default=False)
+
+    def target_modules(self) -> list[str] | None:
+        names = [n.strip() for n in self.lora_target_modules.split(",") if n.strip()]
+        return names or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but `error` exits with code 2 and one line, without the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="train.py",
+        description="Contrastive (InfoNCE) fine-tuning of a text-embedding model by LoRA, QLoRA "
+        "or full fine-tuning.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        kwargs: dict[str, Any] = {"help": meta.pop("help")}
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+        if f.type in ("bool", bool):
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
+            kwargs["metavar"] = f.name.upper()
+        if "choices" in meta:
+            kwargs["choices"] = meta.pop("choices")
+            kwargs.pop("metavar", None)
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
+    """Problems with the flags as given, one line each (an empty list means fine)."""
+    problems = []
+    positive = ["batch_size", "epochs", "query_max_len", "passage_max_len", "lora_r",
+                "lora_alpha", "gradient_accumulation_steps", "logging_steps"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ["neg_nums", "max_steps", "num_workers", "max_grad_norm", "weight_decay"]:
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.temperature <= 0:
+        problems.append(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.lr <= 0:
+        problems.append(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.warmup_proportion < 1:
+        problems.append(f"--warmup_proportion must be in [0, 1), got {cfg.warmup_proportion}")
+    if not 0 <= cfg.lora_dropout < 1:
+        problems.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.finetune_type != "qlora" and any(a.startswith("--quantization_bits") for a in argv):
+        problems.append(f"--quantization_bits applies to qlora only, not {cfg.finetune_type}")
+    if not os.path.isfile(cfg.train_dataset):
+        problems.append(f"--train_dataset {cfg.train_dataset}: no such file")
+    model = cfg.model_name_or_path
+    hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", model) is not None
+    if not os.path.isdir(model) and not hub_id:
+        problems.append(f"--model_name_or_path {model}: no such folder")
+    return problems
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse and check flags; on a problem print one line per problem and exit with code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    problems = check(cfg, argv)
+    if problems:
+        parser.exit(2, "".join(f"train.py: error: {p}\n" for p in problems))
+    return cfg
+
+
+def write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+def read_training_config(model_dir: str) -> dict[str, Any] | None:
+    """The training_config.json of a training output folder, or None for a plain model."""
+    path = os.path.join(model_dir, "training_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,208 @@
+"""Training data: reading and checking JSONL, sampling negatives, tokenizing once, padding.
+
+Nothing here knows about models beyond a tokenizer. Texts are tokenized once when the training
+set is built; an epoch only re-draws which positive and negatives each query gets, by indices,
+so the cost of an epoch is the model's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+MAX_REPORTED_PROBLEMS = 5
+
+
+class DataError(ValueError):
+    """Bad training data; the message names file:line for each problem."""
+
+
+@dataclass
+class Example:
+    query: str
+    pos: list[str]
+    neg: list[str]
+    line: int
+
+
+def _check_row(obj: Any) -> str | None:
+    """What is wrong with one parsed row, or None."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    query = obj.get("query")
+    if "query" not in obj:
+        return "missing 'query'"
+    if not isinstance(query, str):
+        return f"'query' must be a string, got {type(query).__name__}"
+    if not query.strip():
+        return "'query' is empty"
+    if "pos" not in obj:
+        return "missing 'pos'"
+    pos = obj["pos"]
+    if not isinstance(pos, list):
+        return f"'pos' must be a list of strings, got {type(pos).__name__}"
+    if not pos:
+        return "'pos' is empty"
+    neg = obj.get("neg", [])
+    if not isinstance(neg, list):
+        return f"'neg' must be a list of strings, got {type(neg).__name__}"
+    for key, items in (("pos", pos), ("neg", neg)):
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                return f"'{key}[{i}]' must be a string, got {type(item).__name__}"
+            if not item.strip():
+                return f"'{key}[{i}]' is empty"
+    return None
+
+
+def read_jsonl(path: str) -> list[Example]:
+    """Read and check a whole JSONL file before any model is loaded.
+
+    Every line is checked, so a user fixing their data sees the first few problems at once
+    instead of one per run. Empty lines are skipped; a UTF-8 BOM and CRLF line ends are fine.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    problems: list[str] = []
+    examples: list[Example] = []
+    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
+        try:
+            line = line_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)")
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        problem = _check_row(obj)
+        if problem:
+            problems.append(f"{path}:{lineno}: {problem}")
+            continue
+        examples.append(Example(obj["query"], list(obj["pos"]), list(obj.get("neg", [])), lineno))
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        if more:
+            shown.append(f"{path}: ... and {more} more problem(s)")
+        raise DataError("\n".join(shown))
+    if not examples:
+        raise DataError(f"{path}:1: the file holds no training rows")
+    return examples
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_len: int, append_eos: bool) -> list[list[int]]:
+    """Token ids for each text, truncated to max_len; with append_eos the EOS id is the last
+    token even after truncation (truncate to max_len - 1, then append), as gte-Qwen2 does."""
+    if not texts:
+        return []
+    budget = max_len - 1 if append_eos else max_len
+    ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=budget,
+                    return_attention_mask=False)["input_ids"]
+    if append_eos:
+        ids = [seq + [tokenizer.eos_token_id] for seq in ids]
+    return ids
+
+
+def pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence of this batch only. Returns input_ids, attention_mask (N, L)."""
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "left":
+            ids[i, longest - len(s):] = torch.tensor(s)
+            mask[i, longest - len(s):] = 1
+        else:
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+    return ids, mask
+
+
+class TrainingSet(torch.utils.data.Dataset):
+    """Rows with their texts tokenized once; item i is query i with this epoch's draw of one
+    positive and `neg_nums` negatives, as indices into the table of distinct passages."""
+
+    def __init__(self, examples: list[Example], tokenizer: Any, *, neg_nums: int,
+                 query_max_len: int, passage_max_len: int, query_instruction: str,
+                 append_eos: bool, seed: int):
+        self.neg_nums = neg_nums
+        self.seed = seed
+        self.epoch = 0
+        passage_index: dict[str, int] = {}
+        for ex in examples:
+            for text in ex.pos + ex.neg:
+                passage_index.setdefault(text, len(passage_index))
+        self.passages = list(passage_index)
+        self.pos = [[passage_index[t] for t in dict.fromkeys(ex.pos)] for ex in examples]
+        # A "negative" that is also one of the row's positives would teach the wrong thing.
+        self.neg = [[passage_index[t] for t in dict.fromkeys(ex.neg) if t not in ex.pos]
+                    for ex in examples]
+        self.short_rows = sum(len(n) < neg_nums for n in self.neg)
+        if len(self.passages) < neg_nums + 1:
+            raise DataError(f"the data holds {len(self.passages)} distinct passages; "
+                            f"--neg_nums {neg_nums} needs at least {neg_nums + 1}")
+        queries = [query_instruction + ex.query for ex in examples]
+        self.query_ids = tokenize(tokenizer, queries, query_max_len, append_eos)
+        self.passage_ids = tokenize(tokenizer, self.passages, passage_max_len, append_eos)
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        # One generator per (seed, epoch, row): the draw does not depend on batch order,
+        # worker count or process count, so runs are reproducible and resumable.
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        pos = rng.choice(self.pos[i])
+        own = self.neg[i]
+        if len(own) >= self.neg_nums:
+            negs = rng.sample(own, self.neg_nums)
+        else:
+            negs = list(own)
+            banned = set(self.pos[i]) | set(own)
+            while len(negs) < self.neg_nums:
+                cand = rng.randrange(len(self.passages))
+                if cand not in banned:
+                    negs.append(cand)
+                    banned.add(cand)
+        return {"row": i, "pos": pos, "negs": negs, "pos_set": self.pos[i]}
+
+
+class Collator:
+    """Pads queries and passages separately, each to its own longest member, and builds the
+    false-negative mask: candidate j is masked for query i when its text is one of query i's
+    positives but not the one drawn as its target."""
+
+    def __init__(self, data: TrainingSet, pad_id: int, padding_side: str):
+        self.data = data
+        self.pad_id = pad_id
+        self.padding_side = padding_side
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        group = 1 + self.data.neg_nums
+        passages = [p for it in items for p in [it["pos"], *it["negs"]]]  # row-major
+        q_ids, q_mask = pad([self.data.query_ids[it["row"]] for it in items], self.pad_id,
+                            self.padding_side)
+        p_ids, p_mask = pad([self.data.passage_ids[p] for p in passages], self.pad_id,
+                            self.padding_side)
+        cand = torch.tensor(passages)                                         # (P,)
+        fn_mask = torch.zeros((len(items), len(passages)), dtype=torch.bool)  # (B, P)
+        for i, it in enumerate(items):
+            fn_mask[i] = torch.isin(cand, torch.tensor(it["pos_set"]))
+            fn_mask[i, i * group] = False
+        return {
+            "query_input_ids": q_ids, "query_attention_mask": q_mask,
+            "passage_input_ids": p_ids, "passage_attention_mask": p_mask,
+            "false_negative_mask": fn_mask,
+            "rows": torch.tensor([it["row"] for it in items]),
+        }

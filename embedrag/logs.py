@@ -1,0 +1,87 @@
+"""JSON logs, TensorBoard events and the summary report of a training run.
+
+Only the main process writes. The JSON logs stay valid JSON lists at every moment and are
+flushed as records arrive, so a crash keeps every step logged before it; appending costs the
+same at step 10 and at step 100,000 (the closing bracket is rewritten, not the whole file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+class JsonListFile:
+    """A file holding a JSON list, appended to in place."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.count = 0
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("[]\n")
+
+    def append(self, record: dict[str, Any]) -> None:
+        text = json.dumps(record, ensure_ascii=False)
+        with open(self.path, "r+b") as f:
+            f.seek(-3, os.SEEK_END)  # over "[]\n" at first, then over the closing "\n]\n"
+            prefix = "[\n  " if self.count == 0 else ",\n  "
+            f.write(f"{prefix}{text}\n]\n".encode())
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        self.count += 1
+
+
+class RunLogger:
+    """detailed_training_logs.json, training_losses.json and runs/ (TensorBoard)."""
+
+    def __init__(self, output_dir: str, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.steps = JsonListFile(os.path.join(output_dir, "detailed_training_logs.json"))
+        self.epochs = JsonListFile(os.path.join(output_dir, "training_losses.json"))
+        self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "runs"))
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.steps.append(record)
+        step = record["step"]
+        self.tb.add_scalar("train/loss", record["loss"], step)
+        self.tb.add_scalar("train/learning_rate", record["learning_rate"], step)
+        if record.get("grad_norm") is not None:
+            self.tb.add_scalar("train/grad_norm", record["grad_norm"], step)
+        self.tb.add_scalar("train/samples_per_second", record["samples_per_second"], step)
+
+    def log_epoch(self, epoch: int, mean_loss: float, step: int) -> None:
+        if not self.enabled:
+            return
+        self.epochs.append({"epoch": epoch, "mean_loss": mean_loss})
+        self.tb.add_scalar("train/epoch_mean_loss", mean_loss, step)
+        self.tb.flush()
+
+    def log_eval(self, metrics: dict[str, float], step: int, prefix: str = "eval") -> None:
+        if not self.enabled:
+            return
+        for key, value in metrics.items():
+            self.tb.add_scalar(f"{prefix}/{key}", value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+
+
+def peak_memory(device: Any) -> dict[str, float]:
+    """Peak memory in MiB: device memory on CUDA, resident set size of this process on CPU."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return {"peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    import resource
+
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

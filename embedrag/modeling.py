@@ -1,0 +1,197 @@
+"""Loading the backbone (full, LoRA or QLoRA), setting up its tokenizer, pooling, encoding.
+
+`EmbeddingModel` wraps a transformers `AutoModel` (no LM head) and turns token states into one
+L2-normalised vector per text. The same class embeds during training, after reloading a saved
+adapter, and in evaluation, so "embeds as in training" holds by construction.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedrag.data import pad, tokenize
+
+
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """State of the last real token of each row, whatever the padding side.
+
+    hidden: (N, L, H), mask: (N, L) with 1 on real tokens. The index of the last 1 in each row
+    is found directly, so left padding, right padding and a mix in one batch all work.
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device)          # (L,)
+    last = (mask.bool() * positions).amax(dim=1)                          # (N,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average of the real tokens' states. hidden (N, L, H), mask (N, L) -> (N, H)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)                               # (N, L, 1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """State of the first real token (the [CLS] of BERT-style encoders), whatever the padding."""
+    first = mask.bool().int().argmax(dim=1)                               # (N,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+
+
+POOLERS = {"last": last_token_pool, "mean": mean_pool, "cls": cls_pool}
+
+
+class EmbeddingModel(nn.Module):
+    """backbone -> pooled -> L2-normalised embeddings (float32)."""
+
+    def __init__(self, backbone: nn.Module, pooling: str):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = POOLERS[self.pooling](hidden, attention_mask)            # (N, H)
+        return F.normalize(pooled.float(), p=2, dim=-1)
+
+    @torch.no_grad()
+    def encode(self, tokenizer: Any, texts: list[str], *, max_len: int, append_eos: bool,
+               batch_size: int = 32, instruction: str = "") -> torch.Tensor:
+        """Embed texts exactly as training does (same tokenization, padding, pooling).
+
+        Texts are embedded longest first so each batch pads little; rows come back in input order.
+        """
+        ids = tokenize(tokenizer, [instruction + t for t in texts], max_len, append_eos)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        device = next(self.parameters()).device
+        out = torch.empty((len(ids), 0))
+        chunks = []
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            input_ids, mask = pad([ids[i] for i in idx], tokenizer.pad_token_id,
+                                  tokenizer.padding_side)
+            chunks.append(self(input_ids.to(device), mask.to(device)).cpu())
+        if chunks:
+            out = torch.empty((len(ids), chunks[0].shape[1]))
+            out[torch.tensor(order)] = torch.cat(chunks)
+        return out
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer with a pad token: its own, else EOS, else UNK."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        fallback = tok.eos_token or tok.unk_token
+        if fallback is None:
+            raise ValueError(f"{path}: the tokenizer has no pad, EOS or UNK token to pad with")
+        tok.pad_token = fallback
+    return tok
+
+
+def tokenizer_adds_eos(tok: Any) -> bool:
+    """Does the tokenizer already end every text with EOS (as Qwen3-Embedding's does)?"""
+    if tok.eos_token_id is None:
+        return False
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[-1] == tok.eos_token_id
+
+
+def resolve_append_eos(mode: str, pooling: str, tok: Any) -> bool:
+    """auto: append EOS for last-token pooling when the tokenizer has one and does not add it."""
+    if mode == "yes":
+        if tok.eos_token_id is None:
+            raise ValueError("--append_eos yes, but the tokenizer has no EOS token")
+        return not tokenizer_adds_eos(tok)
+    if mode == "no":
+        return False
+    return pooling == "last" and tok.eos_token_id is not None and not tokenizer_adds_eos(tok)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear.
+    return isinstance(module, nn.Linear)
+
+
+def find_lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Every linear layer inside the numbered transformer blocks (attention and MLP).
+
+    Returns (target names, excluded full module paths): the targets are the distinct leaf names
+    (q_proj, up_proj, query, dense, ...); linear layers outside the blocks that share a leaf name
+    (BERT's pooler.dense, say) are excluded by their full path, since they get no gradient from
+    the embedding and an adapter on them would never train.
+    """
+    inside, outside = set(), []
+    for name, module in model.named_modules():
+        if not _is_linear(module):
+            continue
+        if re.search(r"\.\d+\.", f".{name}"):
+            inside.add(name.rsplit(".", 1)[-1])
+        else:
+            outside.append(name)
+    if not inside:
+        raise ValueError("found no linear layers inside transformer blocks; "
+                         "name them with --lora_target_modules")
+    excluded = [n for n in outside if n.rsplit(".", 1)[-1] in inside]
+    return sorted(inside), excluded
+
+
+def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision,
+                                                                         torch.float32)
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    # The frozen base of lora/qlora may sit in the autocast dtype; trained weights stay fp32.
+    base_dtype = torch.float32 if cfg.finetune_type == "full" else compute_dtype
+    kwargs["dtype"] = base_dtype
+    if cfg.finetune_type == "qlora":
+        if cfg.quantization_bits == 4:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute_dtype)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        # Quantized weights are placed at load time, on this process's own device.
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
+    model = AutoModel.from_pretrained(cfg.model_name_or_path, **kwargs)
+    info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", "")}
+    if cfg.finetune_type == "full":
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, info
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets, excluded = find_lora_targets(model)
+    if cfg.target_modules():
+        targets, excluded = cfg.target_modules(), []
+    if cfg.finetune_type == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, exclude_modules=excluded or None, bias="none")
+    model = get_peft_model(model, lora)
+    info.update(lora_target_modules=targets, lora_excluded_modules=excluded)
+    return model, info
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count as the parameters they stand for."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Fine-tune an embedding model with InfoNCE by LoRA, QLoRA or full fine-tuning.
+
+    python train.py --model_name_or_path MODEL --train_dataset data.jsonl \
+        --output_dir out --batch_size 8 [--finetune_type lora] ...
+
+Also runs under `accelerate launch` and `python -m torch.distributed.run`. `--help` lists every
+flag. Exit codes: 0 done, 2 bad flags, data or output folder.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from embedrag.config import parse_args
+    from embedrag.data import DataError, read_jsonl
+
+    cfg = parse_args(argv)
+    try:
+        examples = read_jsonl(cfg.train_dataset)  # checked whole, before any model loads
+    except DataError as e:
+        for line in str(e).splitlines():
+            print(f"train.py: error: {line}", file=sys.stderr)
+        return 2
+
+    from embedrag.trainer import OutputDirError, check_output_dir, train
+
+    try:
+        check_output_dir(cfg)
+        train(cfg, examples)
+    except (OutputDirError, DataError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
