@@ -32,7 +32,8 @@ def _flag(help: str, **kw: Any) -> Any:
 class TrainConfig:
     # --- the seed's flags (names and defaults as the user wrote them) ---
     model_name_or_path: str = _flag("Base model: a local Hugging Face folder or a hub id.")
-    train_dataset: str = _flag('Training JSONL, one {"query", "pos": [...], "neg": [...]} per line.')
+    train_dataset: str = _flag(
+        'Training JSONL, one {"query", "pos": [...], "neg": [...]} per line.')
     output_dir: str = _flag("Where final/, checkpoints, JSON logs and runs/ (TensorBoard) go.")
     batch_size: int = _flag("Queries per optimizer micro-step on each process.")
     finetune_type: str = _flag(
@@ -50,7 +51,8 @@ class TrainConfig:
     neg_nums: int = _flag(
         "Hard negatives per query, drawn from its `neg` list each epoch (topped up from other "
         "rows' passages when a row has fewer).", default=2)
-    temperature: float = _flag("InfoNCE temperature; scores are cosine / temperature.", default=0.02)
+    temperature: float = _flag("InfoNCE temperature; scores are cosine / temperature.",
+                               default=0.02)
     query_max_len: int = _flag("Max tokens of a query, instruction and EOS included.", default=256)
     passage_max_len: int = _flag("Max tokens of a passage, EOS included.", default=1024)
     lora_r: int = _flag("LoRA rank.", default=8)

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 
 def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float,
              false_negative_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean InfoNCE loss of the batch (a scalar). false_negative_mask: (B, B*G) bool, True to drop."""
+    """Mean InfoNCE loss of the batch (a scalar).
+
+    false_negative_mask: (B, B*G) bool, True where a candidate is left out of query i's sum.
+    """
     group = p.shape[0] // q.shape[0]
     scores = (q.float() @ p.float().T) / temperature                      # (B, B*G)
     if false_negative_mask is not None:

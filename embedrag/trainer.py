@@ -18,8 +18,13 @@ from embedrag.config import TrainConfig, write_json
 from embedrag.data import Collator, Example, TrainingSet
 from embedrag.logs import RunLogger, peak_memory
 from embedrag.loss import info_nce
-from embedrag.modeling import (EmbeddingModel, count_parameters, load_backbone, load_tokenizer,
-                               resolve_append_eos)
+from embedrag.modeling import (
+    EmbeddingModel,
+    count_parameters,
+    load_backbone,
+    load_tokenizer,
+    resolve_append_eos,
+)
 
 # bitsandbytes warns on every int8 matmul that it casts fp32 inputs to fp16; once is enough.
 warnings.filterwarnings("once", message=".*MatMul8bitLt: inputs will be cast.*")
@@ -30,7 +35,8 @@ class OutputDirError(RuntimeError):
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
-    if os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir) and not cfg.overwrite_output_dir:
+    out = cfg.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite_output_dir:
         raise OutputDirError(f"--output_dir {cfg.output_dir} is not empty; pass "
                              "--overwrite_output_dir to replace its contents")
 
@@ -126,7 +132,8 @@ def train(cfg: TrainConfig, examples: list[Example]) -> dict[str, Any]:
 
     # --- the loop ---
     model.train()
-    step, samples, tokens = 0, 0, 0
+    step, samples = 0, 0
+    tokens_seen = torch.zeros((), dtype=torch.long, device=accelerator.device)
     start = window_start = time.perf_counter()
     window_loss, window_micro, window_samples = torch.zeros((), device=accelerator.device), 0, 0
     last_loss, grad_norm = float("nan"), None
@@ -150,7 +157,9 @@ def train(cfg: TrainConfig, examples: list[Example]) -> dict[str, Any]:
             n = batch["query_input_ids"].shape[0]
             samples += n * world
             window_samples += n * world
-            tokens += int(batch["query_attention_mask"].sum() + batch["passage_attention_mask"].sum()) * world
+            # Counted on the device; read back only when logging (no per-step host sync).
+            tokens_seen += batch["query_attention_mask"].sum()
+            tokens_seen += batch["passage_attention_mask"].sum()
             window_loss += loss.detach()
             epoch_loss += loss.detach()
             window_micro += 1
@@ -163,6 +172,7 @@ def train(cfg: TrainConfig, examples: list[Example]) -> dict[str, Any]:
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 now = time.perf_counter()
+                tokens = int(tokens_seen) * world
                 last_loss = accelerator.reduce(window_loss, "mean").item() / window_micro
                 record = {
                     "step": step, "epoch": epoch, "loss": last_loss,
@@ -188,6 +198,7 @@ def train(cfg: TrainConfig, examples: list[Example]) -> dict[str, Any]:
         if step >= total_steps:
             break
     bar.close()
+    tokens = int(tokens_seen) * world
 
     save_model(accelerator, model, tokenizer, train_config, os.path.join(cfg.output_dir, "final"))
     seconds = time.perf_counter() - start
