@@ -55,7 +55,7 @@ class TrainConfig:
                                default=0.02)
     query_max_len: int = _flag("Max tokens of a query, instruction and EOS included.", default=256)
     passage_max_len: int = _flag("Max tokens of a passage, EOS included.", default=1024)
-    lora_r: int = _flag("LoRA rank.", default=8)
+    lora_r: int = _flag("LoRA rank (size of the low-rank update).", default=8)
     lora_alpha: int = _flag("LoRA alpha (scaling = alpha / r).", default=32)
     lora_dropout: float = _flag("Dropout on the LoRA branch.", default=0.1)
     save_on_epoch_end: int = _flag("1: write checkpoint-epoch-N/ after every epoch; 0: don't.",

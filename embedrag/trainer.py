@@ -76,7 +76,8 @@ def embedding_config(cfg: TrainConfig, tokenizer: Any, append_eos: bool,
     }
 
 
-def train(cfg: TrainConfig, examples: list[Example]) -> dict[str, Any]:
+def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], EmbeddingModel]:
+    """Train, save and return (summary report, the trained EmbeddingModel)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
@@ -220,4 +221,4 @@ def train(cfg: TrainConfig, examples: list[Example]) -> dict[str, Any]:
         os.replace(path + ".tmp", path)
     logger.close()
     accelerator.end_training()
-    return summary
+    return summary, accelerator.unwrap_model(model)

@@ -28,7 +28,7 @@ def learnable_rows(n: int = 24, seed: int = 0) -> list[dict]:
         rows.append({"query": f"{a} {b}", "pos": [f"the {a} near the {b} {rng.choice(WORDS)}"]})
     for i, row in enumerate(rows):
         others = [r["pos"][0] for j, r in enumerate(rows) if j != i]
-        row["neg"] = rng.sample(others, 3)
+        row["neg"] = rng.sample(others, min(3, len(others)))
     return rows
 
 

@@ -1,0 +1,131 @@
+"""Reading, checking, sampling, tokenizing once and padding the training data."""
+
+import pytest
+import torch
+
+from embedrag.data import Collator, DataError, TrainingSet, pad, read_jsonl, tokenize
+from embedrag.modeling import load_tokenizer
+from tests.conftest import ROOT, learnable_rows, write_jsonl
+
+
+def test_reads_rows_skipping_blank_lines_with_bom_and_crlf(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes('\ufeff{"query": "q1", "pos": ["a"], "neg": ["b"]}\r\n\r\n'
+                     '{"query": "q2", "pos": ["c"], "extra": 1}\r\n'.encode())
+    rows = read_jsonl(str(path))
+    assert [(r.query, r.pos, r.neg, r.line) for r in rows] == [
+        ("q1", ["a"], ["b"], 1), ("q2", ["c"], [], 3)]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "not valid JSON"),
+    ('["q"]', "expected a JSON object"),
+    ('{"pos": ["a"]}', "missing 'query'"),
+    ('{"query": " ", "pos": ["a"]}', "'query' is empty"),
+    ('{"query": "q", "pos": []}', "'pos' is empty"),
+    ('{"query": "q", "pos": "a"}', "'pos' must be a list"),
+    ('{"query": "q", "pos": ["a", 3]}', "'pos[1]' must be a string"),
+    ('{"query": "q", "pos": ["a"], "neg": "b"}', "'neg' must be a list"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"query": "ok", "pos": ["a"]}\n' + line + "\n")
+    with pytest.raises(DataError) as exc:
+        read_jsonl(str(path))
+    assert str(exc.value).startswith(f"{path}:2: ") and message in str(exc.value)
+
+
+def test_sample_data_is_valid_traditional_chinese():
+    rows = read_jsonl(f"{ROOT}/datasets/sample_data.jsonl")
+    assert len(rows) >= 40 and all(len(r.neg) >= 3 for r in rows)
+    assert len({r.query for r in rows}) == len(rows)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_decoder):
+    return load_tokenizer(tiny_decoder)
+
+
+def test_tokenize_appends_eos_once_and_keeps_it_when_truncating(tok):
+    ids = tokenize(tok, ["apple banana cherry", "apple"], max_len=4, append_eos=True)
+    assert all(seq[-1] == tok.eos_token_id and seq.count(tok.eos_token_id) == 1 for seq in ids)
+    assert len(ids[0]) == 4  # truncated to 3 tokens + EOS
+    assert ids[1] == tok("apple")["input_ids"] + [tok.eos_token_id]
+    assert tokenize(tok, ["apple"], 8, append_eos=False) == [tok("apple")["input_ids"]]
+
+
+def test_pad_left_and_right():
+    ids, mask = pad([[1, 2, 3], [4]], pad_id=0, side="right")
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad([[1, 2, 3], [4]], pad_id=0, side="left")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def _set(rows, tok, neg_nums=2, seed=0):
+    from embedrag.data import Example
+
+    ex = [Example(r["query"], r["pos"], r.get("neg", []), i) for i, r in enumerate(rows)]
+    return TrainingSet(ex, tok, neg_nums=neg_nums, query_max_len=16, passage_max_len=16,
+                       query_instruction="Query: ", append_eos=True, seed=seed)
+
+
+def test_draws_are_deterministic_per_epoch_and_vary_across_epochs(tok):
+    data = _set(learnable_rows(), tok)
+    first = [data[i] for i in range(len(data))]
+    assert first == [data[i] for i in range(len(data))]
+    data.set_epoch(1)
+    assert first != [data[i] for i in range(len(data))]
+    for i, item in enumerate(first):
+        assert data.passages[item["pos"]] in learnable_rows()[i]["pos"]
+        assert len(set(item["negs"])) == 2
+        assert all(data.passages[n] in learnable_rows()[i]["neg"] for n in item["negs"])
+
+
+def test_short_rows_are_topped_up_from_other_rows_never_with_own_positive(tok):
+    rows = [{"query": f"q{i}", "pos": [f"p{i}", f"p{i}b"], "neg": [] if i % 2 else [f"n{i}"]}
+            for i in range(6)]
+    data = _set(rows, tok, neg_nums=3)
+    assert data.short_rows == 6
+    for epoch in range(5):
+        data.set_epoch(epoch)
+        for i in range(6):
+            item = data[i]
+            texts = [data.passages[n] for n in item["negs"]]
+            assert len(set(texts)) == 3 and not set(texts) & {f"p{i}", f"p{i}b"}
+            if i % 2 == 0:
+                assert f"n{i}" in texts  # own negatives come first
+
+
+def test_texts_are_tokenized_once_with_instruction(tok):
+    data = _set(learnable_rows(4), tok)
+    assert data.query_ids[0] == tok("Query: " + learnable_rows(4)[0]["query"])["input_ids"] + [
+        tok.eos_token_id]
+    assert len(data.passage_ids) == len(data.passages)
+
+
+def test_collator_orders_passages_and_masks_false_negatives(tok):
+    rows = [{"query": "q0", "pos": ["shared", "p0"], "neg": ["n0"]},
+            {"query": "q1", "pos": ["shared"], "neg": ["n1"]},
+            {"query": "q2", "pos": ["p2"], "neg": ["p0"]}]
+    data = _set(rows, tok, neg_nums=1)
+    items = [data[i] for i in range(3)]
+    batch = Collator(data, tok.pad_token_id, "right")(items)
+    texts = [data.passages[i] for it in items for i in [it["pos"], *it["negs"]]]
+    assert texts[2:] == ["shared", "n1", "p2", "p0"]
+    want = torch.zeros(3, 6, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        for j, t in enumerate(texts):
+            want[i, j] = t in row["pos"] and j != 2 * i
+    assert torch.equal(batch["false_negative_mask"], want)
+    assert batch["passage_input_ids"].shape[1] == max(len(data.passage_ids[data.passages.index(t)])
+                                                      for t in texts)
+
+
+def test_not_enough_passages_is_a_clear_error(tok):
+    with pytest.raises(DataError, match="--neg_nums 5 needs at least 6"):
+        _set([{"query": "q", "pos": ["a"], "neg": ["b"]}], tok, neg_nums=5)
+
+
+def test_fixture_file_round_trips(tmp_path):
+    rows = read_jsonl(write_jsonl(tmp_path / "x.jsonl", learnable_rows(3)))
+    assert [r.query for r in rows] == [r["query"] for r in learnable_rows(3)]
