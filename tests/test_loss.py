@@ -14,7 +14,7 @@ def reference_info_nce(q, p, temperature, masked=frozenset()):
     group = len(p) // len(q)
     total = 0.0
     for i, qi in enumerate(q):
-        scores = [sum(a * b for a, b in zip(qi, pj)) / temperature for pj in p]
+        scores = [sum(a * b for a, b in zip(qi, pj, strict=True)) / temperature for pj in p]
         denom = sum(math.exp(s) for j, s in enumerate(scores) if (i, j) not in masked)
         total += -(scores[i * group] - math.log(denom))
     return total / len(q)

@@ -2,8 +2,15 @@
 
 import torch
 
-from embedrag.modeling import (EmbeddingModel, cls_pool, find_lora_targets, last_token_pool,
-                               load_tokenizer, mean_pool, resolve_append_eos)
+from embedrag.modeling import (
+    EmbeddingModel,
+    cls_pool,
+    find_lora_targets,
+    last_token_pool,
+    load_tokenizer,
+    mean_pool,
+    resolve_append_eos,
+)
 
 
 def _hidden_and_masks(n=4, length=6, h=5, seed=0):

@@ -1,0 +1,193 @@
+"""End to end on the tiny decoder: lora, qlora 4/8-bit and full, 2 epochs each."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train as train_script
+from embedrag.modeling import EmbeddingModel, load_tokenizer
+from tests.conftest import ROOT
+
+PROBES = ["apple banana", "the river near the zebra tiger", "xenon", "violet walnut quartz"]
+STEP_KEYS = {"step", "epoch", "loss", "learning_rate", "grad_norm", "samples_per_second",
+             "tokens", "elapsed_s"}
+KINDS = {"lora": ["--finetune_type", "lora"],
+         "qlora4": ["--finetune_type", "qlora", "--quantization_bits", "4"],
+         "qlora8": ["--finetune_type", "qlora", "--quantization_bits", "8"],
+         "full": ["--finetune_type", "full"]}
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_train(model, data, out, *extra):
+    """train.py's main() in this process; returns (exit code, summary, trained model)."""
+    from embedrag import trainer
+
+    captured = {}
+    real_train = trainer.train
+
+    def spy(cfg, examples):
+        captured["result"] = real_train(cfg, examples)
+        return captured["result"]
+
+    trainer.train = spy
+    try:
+        code = train_script.main(["--model_name_or_path", model, "--train_dataset", data,
+                                  "--output_dir", str(out), "--batch_size", "4", "--epochs", "2",
+                                  "--lr", "2e-3", "--neg_nums", "2", "--temperature", "0.05",
+                                  "--lora_r", "4", "--lora_alpha", "8", "--seed", "7", *extra])
+    finally:
+        trainer.train = real_train
+        _reset_accelerate()
+    summary, trained = captured.get("result", (None, None))
+    return code, summary, trained
+
+
+def _quantization(kind):
+    from transformers import BitsAndBytesConfig
+
+    if kind == "qlora4":
+        return {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32), "device_map": {"": "cpu"}}
+    if kind == "qlora8":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True),
+                "device_map": {"": "cpu"}}
+    return {}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def trained(request, tiny_decoder, learnable_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"out_{request.param}")
+    code, summary, model = run_train(tiny_decoder, learnable_data, out, *KINDS[request.param])
+    assert code == 0
+    return request.param, out, summary, model.eval()
+
+
+def test_output_layout_and_log_schema(trained):
+    kind, out, summary, _ = trained
+    final = os.listdir(out / "final")
+    if kind == "full":
+        assert "model.safetensors" in final and "adapter_config.json" not in final
+    else:
+        assert {"adapter_model.safetensors", "adapter_config.json"} <= set(final)
+    assert {"training_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(final)
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in final)
+    for epoch in (1, 2):
+        assert sorted(os.listdir(out / f"checkpoint-epoch-{epoch}")) == sorted(final)
+    steps = json.loads((out / "detailed_training_logs.json").read_text())
+    assert len(steps) == 12 and all(set(r) == STEP_KEYS for r in steps)
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    epochs = json.loads((out / "training_losses.json").read_text())
+    assert [set(r) for r in epochs] == [{"epoch", "mean_loss"}] * 2
+    report = json.loads((out / "training_summary_report.json").read_text())
+    assert report["world_size"] == 1 and report["totals"]["steps"] == 12
+    assert report["totals"]["samples"] == 48 and report["final_loss"] == steps[-1]["loss"]
+    assert report["trainable_params"] < report["total_params"] or kind == "full"
+    config = json.loads((out / "final" / "training_config.json").read_text())
+    assert config["pooling"] == "last" and config["append_eos"] is True
+    assert config["finetune_type"] == ("qlora" if kind.startswith("qlora") else kind)
+
+
+def test_epoch_loss_falls(trained):
+    _, out, _, _ = trained
+    epochs = json.loads((out / "training_losses.json").read_text())
+    assert epochs[1]["mean_loss"] < epochs[0]["mean_loss"] - 0.2
+
+
+def test_what_trains_and_what_stays(trained, tiny_decoder):
+    """lora/qlora: every base weight equals a fresh load of the base, every adapter weight moved
+    from its seeded initial value; full: every weight moved."""
+    from accelerate.utils import set_seed
+    from transformers import AutoModel
+
+    kind, _, _, model = trained
+    fresh = dict(AutoModel.from_pretrained(tiny_decoder, **_quantization(kind)).named_parameters())
+    trained_params = dict(model.backbone.named_parameters())
+    if kind == "full":
+        assert set(trained_params) == set(fresh)
+        for name, p in trained_params.items():
+            assert not torch.equal(p, fresh[name]), f"{name} did not change"
+        return
+    from embedrag.config import TrainConfig
+    from embedrag.modeling import load_backbone
+
+    set_seed(7)
+    cfg = TrainConfig(model_name_or_path=tiny_decoder, train_dataset="", output_dir="",
+                      batch_size=4, finetune_type="lora" if kind == "lora" else "qlora",
+                      quantization_bits=8 if kind == "qlora8" else 4, lora_r=4, lora_alpha=8)
+    initial = dict(load_backbone(cfg, torch.device("cpu"))[0].named_parameters())
+    adapters = [n for n in trained_params if "lora_" in n]
+    assert len(adapters) == 2 * 7 * 2  # A and B of 7 linear layers in each of 2 blocks
+    for name in adapters:
+        assert trained_params[name].requires_grad
+        assert not torch.equal(trained_params[name], initial[name]), f"{name} did not change"
+    base = [n for n in trained_params if "lora_" not in n]
+    assert len(base) == len(fresh)
+    for name in base:
+        plain = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(trained_params[name].data, fresh[plain].data), f"{name} changed"
+        assert not trained_params[name].requires_grad
+
+
+def test_saved_model_reloads_and_embeds_as_in_training(trained, tiny_decoder):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    kind, out, _, model = trained
+    tok = load_tokenizer(str(out / "final"))
+    kwargs = {"max_len": 64, "append_eos": True}
+    in_training = model.encode(tok, PROBES, **kwargs)
+    if kind == "full":
+        backbone = AutoModel.from_pretrained(out / "final")
+    else:
+        base = AutoModel.from_pretrained(tiny_decoder, **_quantization(kind))
+        backbone = PeftModel.from_pretrained(base, out / "final")
+    reloaded = EmbeddingModel(backbone, "last").eval().encode(tok, PROBES, **kwargs)
+    assert (in_training - reloaded).abs().max().item() < 1e-5
+    untrained = EmbeddingModel(AutoModel.from_pretrained(tiny_decoder), "last").eval()
+    assert (untrained.encode(tok, PROBES, **kwargs) - in_training).abs().max().item() > 1e-3
+
+
+def test_tensorboard_events_hold_the_loss_curve(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out, _, _ = trained
+    runs = out / "runs"
+    acc = EventAccumulator(str(runs))
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    steps = json.loads((out / "detailed_training_logs.json").read_text())
+    assert [e.step for e in events] == [r["step"] for r in steps]
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+    assert {"train/learning_rate", "train/grad_norm", "train/epoch_mean_loss"} <= set(
+        acc.Tags()["scalars"])
+
+
+def test_cli_refuses_finished_output_and_max_steps_stops_early(tiny_decoder, learnable_data,
+                                                               tmp_path):
+    cmd = [sys.executable, "train.py", "--model_name_or_path", tiny_decoder, "--train_dataset",
+           learnable_data, "--output_dir", str(tmp_path / "o"), "--batch_size", "4",
+           "--finetune_type", "lora", "--max_steps", "3", "--save_on_epoch_end", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads((tmp_path / "o" / "detailed_training_logs.json").read_text())) == 3
+    assert sorted(os.listdir(tmp_path / "o")) == sorted(
+        ["final", "runs", "detailed_training_logs.json", "training_losses.json",
+         "training_summary_report.json"])
+    before = {f: os.path.getmtime(tmp_path / "o" / f) for f in os.listdir(tmp_path / "o")}
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "not empty" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert before == {f: os.path.getmtime(tmp_path / "o" / f) for f in os.listdir(tmp_path / "o")}
