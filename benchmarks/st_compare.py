@@ -44,6 +44,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--warmup_proportion", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit_train", type=int, default=0, help="use only the first N rows")
     p.add_argument("--workdir", default=None)
     p.add_argument("--output_json", default=None)
     return p.parse_args(argv)
@@ -112,7 +113,15 @@ def score(model_dir: str, args: argparse.Namespace) -> dict[str, float]:
 def compare(args: argparse.Namespace) -> dict:
     args.model = args.model or minilm_path()
     work = args.workdir or tempfile.mkdtemp(prefix="st_compare_")
-    n_rows = sum(1 for line in open(args.train, encoding="utf-8") if line.strip())
+    os.makedirs(work, exist_ok=True)
+    with open(args.train, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    if args.limit_train:
+        lines = lines[: args.limit_train]
+        args.train = os.path.join(work, "train_subset.jsonl")
+        with open(args.train, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    n_rows = len(lines)
     ours_dir, ours_s = run_embedrag(args, os.path.join(work, "embedrag"))
     peer_dir, peer_s = run_sentence_transformers(args, os.path.join(work, "st"))
     samples = n_rows * args.epochs

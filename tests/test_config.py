@@ -55,3 +55,9 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, extra, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_readme_documents_every_flag():
+    readme = open(f"{ROOT}/README.md", encoding="utf-8").read()
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"`--{name}`" in readme, name
