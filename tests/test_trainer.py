@@ -191,3 +191,37 @@ def test_cli_refuses_finished_output_and_max_steps_stops_early(tiny_decoder, lea
     assert again.returncode == 2 and "not empty" in again.stderr
     assert "Traceback" not in again.stderr
     assert before == {f: os.path.getmtime(tmp_path / "o" / f) for f in os.listdir(tmp_path / "o")}
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_decoder, learnable_data, tmp_path):
+    """Recomputing activations (dropout replayed from the saved RNG state) changes nothing."""
+    args = ["--finetune_type", "lora", "--max_steps", "4", "--save_on_epoch_end", "0"]
+    assert run_train(tiny_decoder, learnable_data, tmp_path / "plain", *args)[0] == 0
+    code, _, model = run_train(tiny_decoder, learnable_data, tmp_path / "ckpt", *args,
+                               "--gradient_checkpointing")
+    assert code == 0 and model.backbone.get_base_model().is_gradient_checkpointing
+    plain, ckpt = _adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], ckpt[name], atol=1e-6), name
+
+
+def test_bf16_autocast_tracks_fp32(tiny_decoder, learnable_data, tmp_path):
+    """bf16 autocast: same per-step losses as fp32 to bf16 precision, fp32 adapter weights."""
+    args = ["--finetune_type", "lora", "--max_steps", "3", "--save_on_epoch_end", "0",
+            "--lora_dropout", "0"]
+    run_train(tiny_decoder, learnable_data, tmp_path / "fp32", *args)
+    _, summary, model = run_train(tiny_decoder, learnable_data, tmp_path / "bf16", *args,
+                                  "--mixed_precision", "bf16")
+    losses = [[r["loss"] for r in json.loads((tmp_path / d / "detailed_training_logs.json")
+                                             .read_text())] for d in ("fp32", "bf16")]
+    assert losses[0] != losses[1]  # autocast really ran
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
+    assert summary["embedding"]["base_dtype"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
