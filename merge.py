@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except MergeError as e:
         print(f"merge.py: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as e:  # e.g. a base model folder that is not a model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"merge.py: error: {first}", file=sys.stderr)
+        return 2
     except VerificationError as e:
         print(f"merge.py: verification failed: {e}", file=sys.stderr)
         return 1

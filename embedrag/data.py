@@ -132,7 +132,7 @@ class TrainingSet(torch.utils.data.Dataset):
 
     def __init__(self, examples: list[Example], tokenizer: Any, *, neg_nums: int,
                  query_max_len: int, passage_max_len: int, query_instruction: str,
-                 append_eos: bool, seed: int):
+                 append_eos: bool, seed: int, source: str = "data"):
         self.neg_nums = neg_nums
         self.seed = seed
         self.epoch = 0
@@ -142,13 +142,21 @@ class TrainingSet(torch.utils.data.Dataset):
                 passage_index.setdefault(text, len(passage_index))
         self.passages = list(passage_index)
         self.pos = [[passage_index[t] for t in dict.fromkeys(ex.pos)] for ex in examples]
-        # A "negative" that is also one of the row's positives would teach the wrong thing.
-        self.neg = [[passage_index[t] for t in dict.fromkeys(ex.neg) if t not in ex.pos]
-                    for ex in examples]
+        # Everything relevant to a query text, over all its rows: data with one row per
+        # (query, positive) pair must not treat the query's other positives as negatives.
+        relevant: dict[str, set[int]] = {}
+        for ex, pos in zip(examples, self.pos, strict=True):
+            relevant.setdefault(ex.query, set()).update(pos)
+        self.relevant = [sorted(relevant[ex.query]) for ex in examples]
+        # A "negative" that is also relevant to the query would teach the wrong thing.
+        self.neg = [[passage_index[t] for t in dict.fromkeys(ex.neg)
+                     if passage_index[t] not in relevant[ex.query]] for ex in examples]
         self.short_rows = sum(len(n) < neg_nums for n in self.neg)
-        if len(self.passages) < neg_nums + 1:
-            raise DataError(f"the data holds {len(self.passages)} distinct passages; "
-                            f"--neg_nums {neg_nums} needs at least {neg_nums + 1}")
+        for ex, rel in zip(examples, self.relevant, strict=True):
+            if len(self.passages) - len(rel) < neg_nums:
+                raise DataError(f"{source}:{ex.line}: only {len(self.passages) - len(rel)} "
+                                f"passages in the file are not positives of this query; "
+                                f"--neg_nums {neg_nums} needs {neg_nums}")
         queries = [query_instruction + ex.query for ex in examples]
         self.query_ids = tokenize(tokenizer, queries, query_max_len, append_eos)
         self.passage_ids = tokenize(tokenizer, self.passages, passage_max_len, append_eos)
@@ -169,19 +177,19 @@ class TrainingSet(torch.utils.data.Dataset):
             negs = rng.sample(own, self.neg_nums)
         else:
             negs = list(own)
-            banned = set(self.pos[i]) | set(own)
+            banned = set(self.relevant[i]) | set(own)
             while len(negs) < self.neg_nums:
                 cand = rng.randrange(len(self.passages))
                 if cand not in banned:
                     negs.append(cand)
                     banned.add(cand)
-        return {"row": i, "pos": pos, "negs": negs, "pos_set": self.pos[i]}
+        return {"row": i, "pos": pos, "negs": negs, "pos_set": self.relevant[i]}
 
 
 class Collator:
     """Pads queries and passages separately, each to its own longest member, and builds the
-    false-negative mask: candidate j is masked for query i when its text is one of query i's
-    positives but not the one drawn as its target."""
+    false-negative mask: candidate j is masked for query i when its text is a positive of query
+    i's text (in any row) but not the one drawn as its target."""
 
     def __init__(self, data: TrainingSet, pad_id: int, padding_side: str):
         self.data = data

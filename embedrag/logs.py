@@ -8,8 +8,15 @@ same at step 10 and at step 100,000 (the closing bracket is rewritten, not the w
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities (fp16 overflow steps) as null: strict JSON readers reject them."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
 
 
 class JsonListFile:
@@ -22,7 +29,7 @@ class JsonListFile:
             f.write("[]\n")
 
     def append(self, record: dict[str, Any]) -> None:
-        text = json.dumps(record, ensure_ascii=False)
+        text = json.dumps(_finite(record), ensure_ascii=False, allow_nan=False)
         with open(self.path, "r+b") as f:
             f.seek(-3, os.SEEK_END)  # over "[]\n" at first, then over the closing "\n]\n"
             prefix = "[\n  " if self.count == 0 else ",\n  "

@@ -149,6 +149,12 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
     tokenizer = load_tokenizer(folder if has_tokenizer else base_path)
     settings = settings_for(folder, tokenizer, say)
     train_config = read_training_config(folder) or {}
+    trained_on = train_config.get("base_model")
+    if trained_on and os.path.abspath(trained_on) != os.path.abspath(base_path) and (
+            os.path.basename(os.path.normpath(trained_on))
+            != os.path.basename(os.path.normpath(base_path))):
+        say(f"warning: the adapter was trained on {trained_on}, not {base_path}; merging "
+            "anyway since the shapes fit, but check that this is the same model")
     if train_config.get("finetune_type") == "qlora":
         say(f"QLoRA adapter ({train_config.get('quantization_bits')}-bit base in training): "
             f"merging into the unquantized base weights in {precision}")

@@ -139,6 +139,26 @@ def find_lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     return sorted(inside), excluded
 
 
+def quantized_device(device: torch.device) -> int | str:
+    """Where bitsandbytes should place this process's quantized weights: its own GPU (an index,
+    never None: Accelerate's single-GPU device is plain "cuda"), else the device type."""
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return device.type
+
+
+def max_model_length(path: str, tokenizer: Any, trust_remote_code: bool = False) -> int | None:
+    """The most tokens the model can take (position embeddings), if it says."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    limits = [getattr(config, "max_position_embeddings", None)]
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    limits = [n for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
+
+
 def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
     from transformers import AutoModel, BitsAndBytesConfig
@@ -157,7 +177,7 @@ def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, 
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         # Quantized weights are placed at load time, on this process's own device.
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
+        kwargs["device_map"] = {"": quantized_device(device)}
     model = AutoModel.from_pretrained(cfg.model_name_or_path, **kwargs)
     info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", "")}
     if cfg.finetune_type == "full":

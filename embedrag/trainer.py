@@ -23,6 +23,7 @@ from embedrag.modeling import (
     count_parameters,
     load_backbone,
     load_tokenizer,
+    max_model_length,
     resolve_append_eos,
 )
 
@@ -34,11 +35,40 @@ class OutputDirError(RuntimeError):
     """--output_dir holds an earlier run and the user did not ask to overwrite it."""
 
 
+RUN_FILES = ("final", "runs", "detailed_training_logs.json", "training_losses.json",
+             "training_summary_report.json")
+
+
+def _is_run_entry(name: str) -> bool:
+    base = name.removesuffix(".tmp").removesuffix(".old")
+    return base in RUN_FILES or base.startswith("checkpoint-")
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
 def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse a non-empty --output_dir unless asked, and never one holding the inputs."""
+    for flag, path in (("--model_name_or_path", cfg.model_name_or_path),
+                       ("--train_dataset", cfg.train_dataset)):
+        if os.path.exists(path) and _inside(path, cfg.output_dir):
+            raise OutputDirError(f"--output_dir {cfg.output_dir} holds {flag} {path}; "
+                                 "choose a separate output folder")
     out = cfg.output_dir
     if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite_output_dir:
         raise OutputDirError(f"--output_dir {cfg.output_dir} is not empty; pass "
                              "--overwrite_output_dir to replace its contents")
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """Remove what an earlier run wrote (and nothing else the user keeps there)."""
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):
+        if _is_run_entry(name):
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -49,6 +79,20 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int,
+                    total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then linear decay. Step s (0-based) trains at lr * factor(s), which is
+    never 0: the first warm-up step already moves the weights (transformers' schedule spends
+    it at lr 0, so a 1-step run would train nothing), and the last step is not wasted either."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return max(total - s, 1) / max(total - warmup, 1)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def embedding_config(cfg: TrainConfig, tokenizer: Any, append_eos: bool,
@@ -80,7 +124,6 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
     """Train, save and return (summary report, the trained EmbeddingModel)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
 
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=cfg.mixed_precision)
@@ -91,10 +134,15 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
     # --- data: tokenized once, re-drawn each epoch ---
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     append_eos = resolve_append_eos(cfg.append_eos, cfg.pooling, tokenizer)
+    limit = max_model_length(cfg.model_name_or_path, tokenizer, cfg.trust_remote_code)
+    for name in ("query_max_len", "passage_max_len"):
+        if limit and getattr(cfg, name) > limit:
+            say(f"note: --{name} {getattr(cfg, name)} exceeds what the model takes; using {limit}")
+            setattr(cfg, name, limit)
     data = TrainingSet(examples, tokenizer, neg_nums=cfg.neg_nums,
                        query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
                        query_instruction=cfg.query_instruction, append_eos=append_eos,
-                       seed=cfg.seed)
+                       seed=cfg.seed, source=cfg.train_dataset)
     if data.short_rows:
         say(f"note: {data.short_rows} of {len(data)} rows have fewer than {cfg.neg_nums} "
             "negatives; they are topped up with other rows' passages")
@@ -107,8 +155,7 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
     check_output_dir(cfg)
     accelerator.wait_for_everyone()
     if main:
-        shutil.rmtree(cfg.output_dir, ignore_errors=True)
-        os.makedirs(cfg.output_dir)
+        clear_previous_run(cfg.output_dir)
 
     # --- model, optimizer, schedule ---
     backbone, info = load_backbone(cfg, accelerator.device)
@@ -116,13 +163,14 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
     trainable, total = count_parameters(model)
     optimizer = _optimizer(model, cfg)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(loader) / accum)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = math.ceil(total_steps * cfg.warmup_proportion)
     # Not prepared by Accelerate: it is stepped here once per optimizer step, on every process.
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
     train_config = embedding_config(cfg, tokenizer, append_eos, info)
     logger = RunLogger(cfg.output_dir, enabled=main)
     world = accelerator.num_processes
@@ -144,12 +192,15 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         epoch_loss, epoch_micro = torch.zeros((), device=accelerator.device), 0
-        for batch in loader:
+        for micro, batch in enumerate(loader):
+            # Accelerate divides every micro-loss by the accumulation steps; an epoch's last
+            # window may be shorter, so rescale to keep its gradient a mean, not a fraction.
+            window = min(accum, len(loader) - micro // accum * accum)
             with accelerator.accumulate(model):
                 q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
                 p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (B*G, D)
                 loss = info_nce(q, p, cfg.temperature, batch["false_negative_mask"])
-                accelerator.backward(loss)
+                accelerator.backward(loss * (accum / window) if window < accum else loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(
                         model.parameters(), cfg.max_grad_norm or float("inf"))
@@ -167,6 +218,7 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
             epoch_micro += 1
             if not accelerator.sync_gradients:
                 continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step trained at
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             step += 1
@@ -177,7 +229,7 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
                 last_loss = accelerator.reduce(window_loss, "mean").item() / window_micro
                 record = {
                     "step": step, "epoch": epoch, "loss": last_loss,
-                    "learning_rate": scheduler.get_last_lr()[0],
+                    "learning_rate": lr,
                     "grad_norm": None if grad_norm is None else float(grad_norm),
                     "samples_per_second": window_samples / max(now - window_start, 1e-9),
                     "tokens": tokens, "elapsed_s": now - start,

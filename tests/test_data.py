@@ -122,8 +122,24 @@ def test_collator_orders_passages_and_masks_false_negatives(tok):
 
 
 def test_not_enough_passages_is_a_clear_error(tok):
-    with pytest.raises(DataError, match="--neg_nums 5 needs at least 6"):
+    with pytest.raises(DataError, match="data:0: only 1 passages .* --neg_nums 5 needs 5"):
         _set([{"query": "q", "pos": ["a"], "neg": ["b"]}], tok, neg_nums=5)
+    # enough passages in all, but not outside the first query's own positives: no endless draw
+    with pytest.raises(DataError, match="data:0: only 1 passages"):
+        _set([{"query": "q1", "pos": ["a", "b", "c"]}, {"query": "q2", "pos": ["d"]}], tok,
+             neg_nums=2)
+
+
+def test_rows_sharing_a_query_share_their_positives(tok):
+    rows = [{"query": "q", "pos": ["a"], "neg": ["b", "x"]},
+            {"query": "q", "pos": ["b"], "neg": ["a", "y"]},
+            {"query": "r", "pos": ["c"], "neg": ["a"]}]
+    data = _set(rows, tok, neg_nums=1)
+    assert [data.passages[n] for n in data.neg[0]] == ["x"]  # "b" is relevant to "q"
+    assert [data.passages[n] for n in data.neg[1]] == ["y"]
+    batch = Collator(data, tok.pad_token_id, "right")([data[0], data[1], data[2]])
+    # passages: a, x, b, y, c, a -> for query 0, "b" (j=2) and the second "a" (j=5) are masked
+    assert batch["false_negative_mask"][0].tolist() == [False, False, True, False, False, True]
 
 
 def test_fixture_file_round_trips(tmp_path):

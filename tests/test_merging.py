@@ -157,3 +157,10 @@ def test_cli_help_and_bad_precision():
                           "--training_precision", "int4"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
+
+
+def test_a_base_that_is_not_a_model_is_one_line_exit_2(adapters, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _fail(["--base_model_path", str(tmp_path / "empty"), "--lora_adapter_path",
+           str(adapters["lora"]), "--output_path", str(tmp_path / "m")], capsys, "error:")
+    assert not (tmp_path / "m").exists()

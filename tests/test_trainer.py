@@ -225,3 +225,58 @@ def test_bf16_autocast_tracks_fp32(tiny_decoder, learnable_data, tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=0.05)
     assert summary["embedding"]["base_dtype"] == "bfloat16"
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_schedule_warms_up_and_decays_without_a_zero_step():
+    from embedrag.trainer import linear_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_schedule(opt, warmup=2, total=5)
+    rates = []
+    for _ in range(5):
+        rates.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([1 / 3, 2 / 3, 1.0, 2 / 3, 1 / 3])
+
+
+def test_one_step_run_trains(tiny_decoder, learnable_data, tmp_path):
+    code, _, model = run_train(tiny_decoder, learnable_data, tmp_path / "o", "--finetune_type",
+                               "lora", "--max_steps", "1", "--save_on_epoch_end", "0")
+    assert code == 0
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_overwrite_replaces_only_run_files_and_never_inputs(tiny_decoder, learnable_data,
+                                                             tmp_path):
+    out = tmp_path / "o"
+    args = ["--finetune_type", "lora", "--max_steps", "1", "--save_on_epoch_end", "0"]
+    assert run_train(tiny_decoder, learnable_data, out, *args)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    assert run_train(tiny_decoder, learnable_data, out, *args, "--overwrite_output_dir")[0] == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "final").is_dir()
+    data_inside = out / "train.jsonl"
+    data_inside.write_text(open(learnable_data).read())
+    assert run_train(tiny_decoder, str(data_inside), out, *args, "--overwrite_output_dir")[0] == 2
+    assert data_inside.exists()
+
+
+def test_encoder_mean_pooling_and_lengths_clamped_to_the_model(tiny_encoder, learnable_data,
+                                                               tmp_path):
+    out = tmp_path / "o"
+    code, _, model = run_train(tiny_encoder, learnable_data, out, "--finetune_type", "full",
+                               "--pooling", "mean", "--passage_max_len", "4096")
+    assert code == 0
+    config = json.loads((out / "final" / "training_config.json").read_text())
+    assert config["passage_max_len"] == 128 and config["append_eos"] is False
+    epochs = json.loads((out / "training_losses.json").read_text())
+    assert epochs[1]["mean_loss"] < epochs[0]["mean_loss"]
+
+
+def test_quantized_weights_go_to_this_process_gpu(monkeypatch):
+    from embedrag.modeling import quantized_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert quantized_device(torch.device("cuda")) == 3
+    assert quantized_device(torch.device("cuda", 1)) == 1
+    assert quantized_device(torch.device("cpu")) == "cpu"
