@@ -18,8 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     from embedrag.data import DataError, read_jsonl
 
     cfg = parse_args(argv)
-    try:
-        examples = read_jsonl(cfg.train_dataset)  # checked whole, before any model loads
+    try:  # both files checked whole, before any model loads
+        examples = read_jsonl(cfg.train_dataset)
+        eval_examples = read_jsonl(cfg.eval_dataset) if cfg.eval_dataset else None
     except DataError as e:
         for line in str(e).splitlines():
             print(f"train.py: error: {line}", file=sys.stderr)
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_output_dir(cfg)
-        train(cfg, examples)
+        train(cfg, examples, eval_examples)
     except (OutputDirError, DataError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

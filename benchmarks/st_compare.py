@@ -101,8 +101,8 @@ def score(model_dir: str, args: argparse.Namespace) -> dict[str, float]:
     from transformers import AutoModel
 
     from embedrag.data import read_jsonl
-    from embedrag.evaluation import EmbedSettings, evaluate
-    from embedrag.modeling import EmbeddingModel, load_tokenizer
+    from embedrag.evaluation import evaluate
+    from embedrag.modeling import EmbeddingModel, EmbedSettings, load_tokenizer
 
     settings = EmbedSettings(pooling="mean", query_max_len=args.max_len,
                              passage_max_len=args.max_len, append_eos=False)

@@ -87,6 +87,11 @@ class TrainConfig:
     num_workers: int = _flag("DataLoader worker processes.", default=0)
     max_steps: int = _flag("Stop after this many optimizer steps (0 = run all epochs).", default=0)
     logging_steps: int = _flag("Write a log record every N optimizer steps.", default=1)
+    eval_dataset: str = _flag(
+        "JSONL in the training format to evaluate on before training and after every epoch "
+        "(nDCG@10, MRR@10, recall@1/10/100, MAP@100; corpus = its distinct passages).",
+        default="")
+    eval_batch_size: int = _flag("Texts per forward pass when evaluating.", default=32)
     mixed_precision: str = _flag(
         "Autocast through Accelerate: no, fp16 or bf16. Under lora/qlora the frozen base is also "
         "loaded in that dtype to save memory.", default="no", choices=MIXED_PRECISIONS)
@@ -143,7 +148,7 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
     """Problems with the flags as given, one line each (an empty list means fine)."""
     problems = []
     positive = ["batch_size", "epochs", "query_max_len", "passage_max_len", "lora_r",
-                "lora_alpha", "gradient_accumulation_steps", "logging_steps"]
+                "lora_alpha", "gradient_accumulation_steps", "logging_steps", "eval_batch_size"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
@@ -160,8 +165,10 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
         problems.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.finetune_type != "qlora" and any(a.startswith("--quantization_bits") for a in argv):
         problems.append(f"--quantization_bits applies to qlora only, not {cfg.finetune_type}")
-    if not os.path.isfile(cfg.train_dataset):
-        problems.append(f"--train_dataset {cfg.train_dataset}: no such file")
+    for flag in ("train_dataset", "eval_dataset"):
+        path = getattr(cfg, flag)
+        if (path or flag == "train_dataset") and not os.path.isfile(path):
+            problems.append(f"--{flag} {path}: no such file")
     model = cfg.model_name_or_path
     hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", model) is not None
     if not os.path.isdir(model) and not hub_id:
@@ -186,10 +193,14 @@ def write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def read_training_config(model_dir: str) -> dict[str, Any] | None:
-    """The training_config.json of a training output folder, or None for a plain model."""
-    path = os.path.join(model_dir, "training_config.json")
+def read_json(path: str) -> Any:
+    """A JSON file's content, or None when there is no such file."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_training_config(model_dir: str) -> dict[str, Any] | None:
+    """The training_config.json of a training output folder, or None for a plain model."""
+    return read_json(os.path.join(model_dir, "training_config.json"))

@@ -6,28 +6,13 @@ are its `pos`. Queries and passages are embedded exactly as training embeds them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from embedrag.data import Example
-from embedrag.metrics import retrieval_metrics
-
-
-@dataclass
-class EmbedSettings:
-    """How texts become vectors; training_config.json records these for a trained model."""
-
-    pooling: str = "last"
-    query_instruction: str = ""
-    query_max_len: int = 256
-    passage_max_len: int = 1024
-    append_eos: bool = False
-
-    @classmethod
-    def from_training_config(cls, config: dict[str, Any]) -> EmbedSettings:
-        return cls(**{k: config[k] for k in cls.__dataclass_fields__ if k in config})
+from embedrag.metrics import METRICS, retrieval_metrics
+from embedrag.modeling import EmbedSettings
 
 
 def corpus_of(examples: list[Example]) -> tuple[list[str], list[set[int]]]:
@@ -41,15 +26,26 @@ def corpus_of(examples: list[Example]) -> tuple[list[str], list[set[int]]]:
 
 @torch.no_grad()
 def evaluate(model: Any, tokenizer: Any, examples: list[Example], settings: EmbedSettings,
-             batch_size: int = 32) -> dict[str, float]:
+             batch_size: int = 32, progress: bool = False) -> dict[str, float]:
     """ndcg@10, mrr@10, recall@1/10/100 and map@100 of `model` (an EmbeddingModel)."""
     was_training = model.training
     model.eval()
     corpus, relevant = corpus_of(examples)
     q = model.encode(tokenizer, [ex.query for ex in examples], max_len=settings.query_max_len,
                      append_eos=settings.append_eos, batch_size=batch_size,
-                     instruction=settings.query_instruction)                   # (Q, D)
+                     instruction=settings.query_instruction,
+                     progress="queries" if progress else "")                   # (Q, D)
     p = model.encode(tokenizer, corpus, max_len=settings.passage_max_len,
-                     append_eos=settings.append_eos, batch_size=batch_size)    # (C, D)
+                     append_eos=settings.append_eos, batch_size=batch_size,
+                     progress="passages" if progress else "")                  # (C, D)
     model.train(was_training)
     return retrieval_metrics(q @ p.T, relevant)
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Metrics as a text table, one row per named result."""
+    width = max(len(name) for name in rows) + 2
+    lines = [" " * width + "".join(f"{m:>12}" for m in METRICS)]
+    for name, metrics in rows.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{metrics[m]:>12.4f}" for m in METRICS))
+    return "\n".join(lines)

@@ -64,10 +64,14 @@ class RunLogger:
             self.tb.add_scalar("train/grad_norm", record["grad_norm"], step)
         self.tb.add_scalar("train/samples_per_second", record["samples_per_second"], step)
 
-    def log_epoch(self, epoch: int, mean_loss: float, step: int) -> None:
+    def log_epoch(self, epoch: int, mean_loss: float, step: int,
+                  metrics: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
-        self.epochs.append({"epoch": epoch, "mean_loss": mean_loss})
+        record: dict[str, Any] = {"epoch": epoch, "mean_loss": mean_loss}
+        if metrics is not None:
+            record["eval"] = metrics
+        self.epochs.append(record)
         self.tb.add_scalar("train/epoch_mean_loss", mean_loss, step)
         self.tb.flush()
 

@@ -19,8 +19,7 @@ import torch
 
 from embedrag.checkpoints import atomic_dir, commit_dir
 from embedrag.config import read_training_config, write_json
-from embedrag.evaluation import EmbedSettings
-from embedrag.modeling import EmbeddingModel, load_tokenizer, resolve_append_eos
+from embedrag.modeling import EmbeddingModel, EmbedSettings, load_tokenizer, resolve_append_eos
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max abs difference allowed between PEFT and merged embeddings (unit vectors). Merging rounds

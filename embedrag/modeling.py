@@ -7,13 +7,16 @@ adapter, and in evaluation, so "embeds as in training" holds by construction.
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedrag.config import read_json
 from embedrag.data import pad, tokenize
 
 
@@ -43,6 +46,21 @@ def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 POOLERS = {"last": last_token_pool, "mean": mean_pool, "cls": cls_pool}
 
 
+@dataclass
+class EmbedSettings:
+    """How texts become vectors; training_config.json records these for a trained model."""
+
+    pooling: str = "last"
+    query_instruction: str = ""
+    query_max_len: int = 256
+    passage_max_len: int = 1024
+    append_eos: bool = False
+
+    @classmethod
+    def from_training_config(cls, config: dict[str, Any]) -> EmbedSettings:
+        return cls(**{k: config[k] for k in cls.__dataclass_fields__ if k in config})
+
+
 class EmbeddingModel(nn.Module):
     """backbone -> pooled -> L2-normalised embeddings (float32)."""
 
@@ -58,17 +76,21 @@ class EmbeddingModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, tokenizer: Any, texts: list[str], *, max_len: int, append_eos: bool,
-               batch_size: int = 32, instruction: str = "") -> torch.Tensor:
+               batch_size: int = 32, instruction: str = "", progress: str = "") -> torch.Tensor:
         """Embed texts exactly as training does (same tokenization, padding, pooling).
 
-        Texts are embedded longest first so each batch pads little; rows come back in input order.
+        Texts are embedded longest first so each batch pads little; rows come back in input
+        order. (N, D) float32 on the CPU. `progress` names a progress bar (none when empty).
         """
+        from tqdm.auto import tqdm
+
         ids = tokenize(tokenizer, [instruction + t for t in texts], max_len, append_eos)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         device = next(self.parameters()).device
         out = torch.empty((len(ids), 0))
         chunks = []
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=progress, disable=not progress, leave=False):
             idx = order[start:start + batch_size]
             input_ids, mask = pad([ids[i] for i in idx], tokenizer.pad_token_id,
                                   tokenizer.padding_side)
@@ -203,6 +225,47 @@ def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, 
     model = get_peft_model(model, lora)
     info.update(lora_target_modules=targets, lora_excluded_modules=excluded)
     return model, info
+
+
+def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,
+                  trust_remote_code: bool = False) -> tuple[EmbeddingModel, Any, EmbedSettings]:
+    """(model, tokenizer, settings) for any model folder EmbedRAG meets, in eval mode:
+
+    - an adapter folder (train.py's final/ or a checkpoint under lora/qlora): its base, from
+      training_config.json (or adapter_config.json), with the adapter applied; a QLoRA adapter's
+      base is quantized as in training, so it embeds as the trained model did;
+    - a full fine-tune or merged folder, or any plain model: loaded as it is.
+    Settings come from training_config.json when there is one; otherwise last-token pooling
+    with EOS handled as `--append_eos auto` would.
+    """
+    from transformers import AutoModel
+
+    config = read_json(os.path.join(path, "training_config.json"))
+    adapter = read_json(os.path.join(path, "adapter_config.json"))
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    settings = (EmbedSettings.from_training_config(config) if config else
+                EmbedSettings(append_eos=resolve_append_eos("auto", "last", tokenizer)))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if adapter:
+        from peft import PeftModel
+
+        base_path = (config or {}).get("base_model") or adapter["base_model_name_or_path"]
+        if (config or {}).get("finetune_type") == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            bits = config["quantization_bits"]
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+            kwargs["device_map"] = {"": quantized_device(torch.device(device))}
+        backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(base_path, **kwargs), path)
+    else:
+        backbone = AutoModel.from_pretrained(path, **kwargs)
+    model = EmbeddingModel(backbone, settings.pooling).eval()
+    if "device_map" not in kwargs:  # quantized weights were placed when loaded
+        model.to(device)
+    return model, tokenizer, settings
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

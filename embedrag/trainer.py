@@ -16,10 +16,12 @@ from embedrag import __version__
 from embedrag.checkpoints import save_model
 from embedrag.config import TrainConfig, write_json
 from embedrag.data import Collator, Example, TrainingSet
+from embedrag.evaluation import evaluate, format_table
 from embedrag.logs import RunLogger, peak_memory
 from embedrag.loss import info_nce
 from embedrag.modeling import (
     EmbeddingModel,
+    EmbedSettings,
     count_parameters,
     load_backbone,
     load_tokenizer,
@@ -81,6 +83,16 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
+def eval_summary(evals: dict[str, Any], path: str) -> dict[str, Any]:
+    """The summary's eval section: each metric before training, after it, and the change."""
+    if evals["before"] is None:
+        return {}
+    after = evals["per_epoch"][-1] if evals["per_epoch"] else evals["before"]
+    side_by_side = {m: {"before": v, "after": after[m], "change": after[m] - v}
+                    for m, v in evals["before"].items()}
+    return {"eval": {"dataset": path, "metrics": side_by_side, "per_epoch": evals["per_epoch"]}}
+
+
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int,
                     total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up then linear decay. Step s (0-based) trains at lr * factor(s), which is
@@ -120,7 +132,8 @@ def embedding_config(cfg: TrainConfig, tokenizer: Any, append_eos: bool,
     }
 
 
-def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], EmbeddingModel]:
+def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example] | None = None,
+          ) -> tuple[dict[str, Any], EmbeddingModel]:
     """Train, save and return (summary report, the trained EmbeddingModel)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -178,6 +191,23 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
         f"{len(data.passages)} passages | {world} process(es) x batch {cfg.batch_size} x accum "
         f"{cfg.gradient_accumulation_steps} | {total_steps} steps ({warmup_steps} warmup) | "
         f"trainable {trainable:,} of {total:,} params | append_eos={append_eos}")
+
+    def run_eval(step: int) -> dict[str, float] | None:
+        """Retrieval metrics on --eval_dataset, on the main process (others wait)."""
+        if eval_examples is None:
+            return None
+        metrics = None
+        if main:
+            settings = EmbedSettings.from_training_config(train_config)
+            with accelerator.autocast():
+                metrics = evaluate(accelerator.unwrap_model(model), tokenizer, eval_examples,
+                                   settings, batch_size=cfg.eval_batch_size)
+            logger.log_eval(metrics, step)
+            say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        accelerator.wait_for_everyone()
+        return metrics
+
+    evals = {"before": run_eval(0), "per_epoch": []}
 
     # --- the loop ---
     model.train()
@@ -242,7 +272,10 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
             if step >= total_steps:
                 break
         epoch_mean = accelerator.reduce(epoch_loss, "mean").item() / max(epoch_micro, 1)
-        logger.log_epoch(epoch, epoch_mean, step)
+        epoch_eval = run_eval(step)
+        if epoch_eval is not None:
+            evals["per_epoch"].append({"epoch": epoch, "step": step, **epoch_eval})
+        logger.log_epoch(epoch, epoch_mean, step, epoch_eval)
         finished_epoch = epoch_micro == len(loader)
         if cfg.save_on_epoch_end and finished_epoch:
             save_model(accelerator, model, tokenizer, train_config,
@@ -266,7 +299,12 @@ def train(cfg: TrainConfig, examples: list[Example]) -> tuple[dict[str, Any], Em
         "trainable_params": trainable,
         "total_params": total,
         "peak_memory": peak_memory(accelerator.device),
+        **eval_summary(evals, cfg.eval_dataset),
     }
+    if main and "eval" in summary:
+        m = summary["eval"]["metrics"]
+        say(format_table({"before": {k: v["before"] for k, v in m.items()},
+                          "after": {k: v["after"] for k, v in m.items()}}))
     if main:
         path = os.path.join(cfg.output_dir, "training_summary_report.json")
         write_json(path + ".tmp", summary)

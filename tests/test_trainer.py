@@ -36,8 +36,8 @@ def run_train(model, data, out, *extra):
     captured = {}
     real_train = trainer.train
 
-    def spy(cfg, examples):
-        captured["result"] = real_train(cfg, examples)
+    def spy(*args):
+        captured["result"] = real_train(*args)
         return captured["result"]
 
     trainer.train = spy
