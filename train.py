@@ -5,11 +5,13 @@
         --output_dir out --batch_size 8 [--finetune_type lora] ...
 
 Also runs under `accelerate launch` and `python -m torch.distributed.run`. `--help` lists every
-flag. Exit codes: 0 done, 2 bad flags, data or output folder.
+flag. Exit codes: 0 done, 2 bad flags, data, model or output folder, 3 stopped on a non-finite
+loss (the last good state is saved as a step checkpoint).
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
 
 
@@ -26,14 +28,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: error: {line}", file=sys.stderr)
         return 2
 
-    from embedrag.trainer import OutputDirError, check_output_dir, train
+    from embedrag.trainer import NonFiniteLossError, OutputDirError, check_output_dir, train
 
     try:
         check_output_dir(cfg)
         train(cfg, examples, eval_examples)
-    except (OutputDirError, DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+    except (OutputDirError, DataError, OSError, pickle.UnpicklingError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"train.py: error: {lines[0]}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

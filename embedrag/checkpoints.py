@@ -2,14 +2,22 @@
 
 Each save goes to `<name>.tmp/` first and is renamed into place only when every file is written;
 a run killed mid-save leaves at most a `.tmp` folder, never a half-written `final/`.
-Only safetensors weights are written.
+Only safetensors weights are written; the optimizer/scheduler/RNG file of a step checkpoint is
+read back with `torch.load(weights_only=True)`, which refuses pickled code.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
 import shutil
+import time
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from embedrag.config import write_json
 
@@ -33,10 +41,11 @@ def commit_dir(tmp: str, path: str) -> None:
 
 
 def save_model(accelerator: Any, model: Any, tokenizer: Any, training_config: dict[str, Any],
-               path: str) -> None:
+               path: str, extra: Callable[[str], None] | None = None) -> None:
     """Write the adapter (lora/qlora) or the full backbone, the tokenizer and
-    training_config.json to `path`. Call on every process: gathering the weights is collective
-    under DeepSpeed ZeRO-3 and FSDP; only the main process writes."""
+    training_config.json to `path`, plus whatever `extra(tmp_folder)` writes. Call on every
+    process: gathering the weights is collective under DeepSpeed ZeRO-3 and FSDP; only the main
+    process writes."""
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         backbone = accelerator.unwrap_model(model).backbone
@@ -46,5 +55,99 @@ def save_model(accelerator: Any, model: Any, tokenizer: Any, training_config: di
         backbone.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(os.path.join(tmp, "training_config.json"), training_config)
+        if extra is not None:
+            extra(tmp)
         commit_dir(tmp, path)
     accelerator.wait_for_everyone()
+
+
+# --- step checkpoints: everything needed to continue exactly where a run stopped ---
+STATE_FILE = "trainer_state.json"     # counters and data position; written last
+TENSORS_FILE = "training_state.pt"    # optimizer, scheduler, RNG; loaded with weights_only
+STEP_DIR = re.compile(r"checkpoint-step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_step_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
+                         tokenizer: Any, training_config: dict[str, Any], path: str,
+                         state: dict[str, Any], keep: int = 0) -> None:
+    """checkpoint-step-N/: the model as in final/, plus optimizer, scheduler, RNG states and
+    the data position, all committed at once. Keeps the newest `keep` step checkpoints (0: all)."""
+
+    def extra(tmp: str) -> None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state()}, os.path.join(tmp, TENSORS_FILE))
+        time.sleep(float(os.environ.get("EMBEDRAG_TEST_SAVE_DELAY", "0")))  # tests kill here
+        write_json(os.path.join(tmp, STATE_FILE), state)
+
+    save_model(accelerator, model, tokenizer, training_config, path, extra)
+    if keep and accelerator.is_main_process:
+        for old in step_checkpoints(os.path.dirname(path))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def step_checkpoints(output_dir: str) -> list[str]:
+    """Complete step checkpoints of a run, oldest first (a folder being written is `.tmp`)."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        m = STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: str, spec: str) -> str:
+    """`latest` (the newest complete step checkpoint of output_dir) or a checkpoint folder."""
+    if spec == "latest":
+        found = step_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete "
+                                    f"checkpoint-step-N/ in {output_dir}")
+        return found[-1]
+    if not os.path.isfile(os.path.join(spec, STATE_FILE)):
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete step "
+                                f"checkpoint (no {STATE_FILE})")
+    return spec
+
+
+def load_step_checkpoint(path: str, model: Any, optimizer: Any,
+                         scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights, optimizer and scheduler into the (unwrapped) model and the prepared
+    optimizer; return (trainer state, RNG state to restore when the loop resumes)."""
+    from safetensors.torch import load_file
+
+    backbone = model.backbone
+    adapter = os.path.join(path, "adapter_model.safetensors")
+    if os.path.isfile(adapter):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(backbone, load_file(adapter))
+        if result.unexpected_keys:
+            raise ValueError(f"{adapter}: unexpected keys {result.unexpected_keys[:3]}")
+    else:
+        weights: dict[str, torch.Tensor] = {}
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):
+                weights.update(load_file(os.path.join(path, name)))
+        missing, unexpected = backbone.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    blob = torch.load(os.path.join(path, TENSORS_FILE), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f), blob["rng"]

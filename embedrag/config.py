@@ -92,6 +92,15 @@ class TrainConfig:
         "(nDCG@10, MRR@10, recall@1/10/100, MAP@100; corpus = its distinct passages).",
         default="")
     eval_batch_size: int = _flag("Texts per forward pass when evaluating.", default=32)
+    save_steps: int = _flag(
+        "Every N optimizer steps write checkpoint-step-N/ (model or adapter, optimizer, "
+        "scheduler, RNG states, data position) to resume from exactly (0 = off).", default=0)
+    save_total_limit: int = _flag("Keep only the newest N step checkpoints (0 = keep all).",
+                                  default=0)
+    resume_from_checkpoint: str = _flag(
+        "Continue a run from a step checkpoint: a checkpoint-step-N folder, or 'latest' for "
+        "the newest complete one in --output_dir. The result equals an uninterrupted run.",
+        default="")
     mixed_precision: str = _flag(
         "Autocast through Accelerate: no, fp16 or bf16. Under lora/qlora the frozen base is also "
         "loaded in that dtype to save memory.", default="no", choices=MIXED_PRECISIONS)
@@ -152,7 +161,8 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
     for name in positive:
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ["neg_nums", "max_steps", "num_workers", "max_grad_norm", "weight_decay"]:
+    for name in ["neg_nums", "max_steps", "num_workers", "max_grad_norm", "weight_decay",
+                 "save_steps", "save_total_limit"]:
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.temperature <= 0:

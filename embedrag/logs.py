@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 
@@ -22,11 +23,19 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
 class JsonListFile:
     """A file holding a JSON list, appended to in place."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, keep: Callable[[dict[str, Any]], bool] | None = None):
+        """A new empty list; or, with `keep`, the file's records that `keep` accepts (resuming
+        a run drops what was logged after its checkpoint)."""
         self.path = path
         self.count = 0
+        kept = []
+        if keep is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [r for r in json.load(f) if keep(r)]
         with open(path, "w", encoding="utf-8") as f:
             f.write("[]\n")
+        for record in kept:
+            self.append(record)
 
     def append(self, record: dict[str, Any]) -> None:
         text = json.dumps(_finite(record), ensure_ascii=False, allow_nan=False)
@@ -43,15 +52,22 @@ class JsonListFile:
 class RunLogger:
     """detailed_training_logs.json, training_losses.json and runs/ (TensorBoard)."""
 
-    def __init__(self, output_dir: str, enabled: bool):
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int | None = None,
+                 resume_epoch: int = 1):
+        """resume_step: continuing from a checkpoint at that step; records after it (logged
+        before the run stopped) are dropped, in the JSON logs and in TensorBoard."""
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.steps = JsonListFile(os.path.join(output_dir, "detailed_training_logs.json"))
-        self.epochs = JsonListFile(os.path.join(output_dir, "training_losses.json"))
-        self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "runs"))
+        resuming = resume_step is not None
+        self.steps = JsonListFile(os.path.join(output_dir, "detailed_training_logs.json"),
+                                  (lambda r: r["step"] <= resume_step) if resuming else None)
+        self.epochs = JsonListFile(os.path.join(output_dir, "training_losses.json"),
+                                   (lambda r: r["epoch"] < resume_epoch) if resuming else None)
+        self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "runs"),
+                                purge_step=resume_step + 1 if resuming else None)
 
     def log_step(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -13,7 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from embedrag import __version__
-from embedrag.checkpoints import save_model
+from embedrag.checkpoints import (
+    load_step_checkpoint,
+    resolve_checkpoint,
+    restore_rng,
+    save_model,
+    save_step_checkpoint,
+)
 from embedrag.config import TrainConfig, write_json
 from embedrag.data import Collator, Example, TrainingSet
 from embedrag.evaluation import evaluate, format_table
@@ -35,6 +41,42 @@ warnings.filterwarnings("once", message=".*MatMul8bitLt: inputs will be cast.*")
 
 class OutputDirError(RuntimeError):
     """--output_dir holds an earlier run and the user did not ask to overwrite it."""
+
+
+def test_hook(name: str) -> float:
+    """EMBEDRAG_TEST_<name>: fault injection and pacing for the reliability tests; 0 when unset."""
+    return float(os.environ.get(f"EMBEDRAG_TEST_{name}", "0"))
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped with the last good state saved."""
+
+
+def stop_on_nonfinite(output_dir: str, good: tuple, checkpoint: Any) -> None:
+    """Save the state before the bad step (weights and optimizer are not yet touched by it)
+    unless a step checkpoint of it exists, then stop with a message naming the step."""
+    counters = good[0]
+    path = os.path.join(output_dir, f"checkpoint-step-{counters['step']}")
+    if not os.path.isdir(path):
+        checkpoint(path, good)
+    raise NonFiniteLossError(
+        f"the loss is not finite at step {counters['step'] + 1} (epoch {counters['epoch']}); "
+        f"that step was not applied. The last good state is in {path}: lower --lr, check the "
+        f"data or the precision, then continue with --resume_from_checkpoint {path}")
+
+
+RESUME_MUST_MATCH = ("model_name_or_path", "train_dataset", "finetune_type", "quantization_bits",
+                     "batch_size", "gradient_accumulation_steps", "neg_nums", "seed", "pooling",
+                     "query_instruction", "query_max_len", "passage_max_len", "lora_r",
+                     "lora_alpha", "lora_target_modules")
+
+
+def check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    """A resumed run must continue the same job; epochs, max_steps and saving may change."""
+    changed = [f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+               if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise OutputDirError("cannot resume with different settings: " + "; ".join(changed))
 
 
 RUN_FILES = ("final", "runs", "detailed_training_logs.json", "training_losses.json",
@@ -59,9 +101,11 @@ def check_output_dir(cfg: TrainConfig) -> None:
             raise OutputDirError(f"--output_dir {cfg.output_dir} holds {flag} {path}; "
                                  "choose a separate output folder")
     out = cfg.output_dir
-    if os.path.isdir(out) and os.listdir(out) and not cfg.overwrite_output_dir:
+    resuming = bool(cfg.resume_from_checkpoint)
+    if os.path.isdir(out) and os.listdir(out) and not (cfg.overwrite_output_dir or resuming):
         raise OutputDirError(f"--output_dir {cfg.output_dir} is not empty; pass "
-                             "--overwrite_output_dir to replace its contents")
+                             "--overwrite_output_dir to replace its contents, or "
+                             "--resume_from_checkpoint latest to continue it")
 
 
 def clear_previous_run(output_dir: str) -> None:
@@ -166,9 +210,8 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
 
     # --- output folder: checked by all processes, prepared by the main one ---
     check_output_dir(cfg)
-    accelerator.wait_for_everyone()
-    if main:
-        clear_previous_run(cfg.output_dir)
+    resume_from = (resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+                   if cfg.resume_from_checkpoint else None)
 
     # --- model, optimizer, schedule ---
     backbone, info = load_backbone(cfg, accelerator.device)
@@ -185,11 +228,29 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     # Not prepared by Accelerate: it is stepped here once per optimizer step, on every process.
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
     train_config = embedding_config(cfg, tokenizer, append_eos, info)
-    logger = RunLogger(cfg.output_dir, enabled=main)
     world = accelerator.num_processes
+
+    # Counters and data position: all a step checkpoint needs besides tensors.
+    st: dict[str, Any] = {"step": 0, "epoch": 1, "micro": 0, "samples": 0, "tokens": 0,
+                          "epoch_loss": 0.0, "epoch_micro": 0, "window_loss": 0.0,
+                          "window_micro": 0, "window_samples": 0, "last_loss": float("nan"),
+                          "evals": {"before": None, "per_epoch": []}, "elapsed_s": 0.0}
+    rng = None
+    if resume_from:
+        saved, rng = load_step_checkpoint(resume_from, accelerator.unwrap_model(model),
+                                          optimizer, scheduler)
+        check_resumable(cfg, saved["train_args"])
+        st.update(saved["state"])
+        say(f"resuming from {resume_from}: step {st['step']}, epoch {st['epoch']}, "
+            f"{st['micro']} batches into it")
+    elif main:
+        clear_previous_run(cfg.output_dir)
+    accelerator.wait_for_everyone()
+    logger = RunLogger(cfg.output_dir, enabled=main, resume_epoch=st["epoch"],
+                       resume_step=st["step"] if resume_from else None)
     say(f"embedrag: {cfg.finetune_type} on {cfg.model_name_or_path} | {len(data)} rows, "
         f"{len(data.passages)} passages | {world} process(es) x batch {cfg.batch_size} x accum "
-        f"{cfg.gradient_accumulation_steps} | {total_steps} steps ({warmup_steps} warmup) | "
+        f"{accum} | {total_steps} steps ({warmup_steps} warmup) | "
         f"trainable {trainable:,} of {total:,} params | append_eos={append_eos}")
 
     def run_eval(step: int) -> dict[str, float] | None:
@@ -207,22 +268,45 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
         accelerator.wait_for_everyone()
         return metrics
 
-    evals = {"before": run_eval(0), "per_epoch": []}
+    def snapshot() -> tuple:
+        """Counters as of the last finished optimizer step (device scalars: no host sync)."""
+        return dict(st), window_loss.clone(), epoch_loss.clone(), tokens_seen.clone()
+
+    def checkpoint(path: str, snap: tuple) -> None:
+        counters, w_loss, e_loss, tokens = snap
+        position = dict(counters, window_loss=w_loss.item(), epoch_loss=e_loss.item(),
+                        tokens=counters["tokens"] + int(tokens) * world,
+                        elapsed_s=counters["elapsed_s"] + time.perf_counter() - start)
+        save_step_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, train_config,
+                             path, {"state": position, "train_args": cfg.to_dict()},
+                             keep=cfg.save_total_limit)
+
+    if not resume_from:
+        st["evals"]["before"] = run_eval(0)
 
     # --- the loop ---
     model.train()
-    step, samples = 0, 0
-    tokens_seen = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    start = window_start = time.perf_counter()
-    window_loss, window_micro, window_samples = torch.zeros((), device=accelerator.device), 0, 0
-    last_loss, grad_norm = float("nan"), None
-    bar = tqdm(total=total_steps, disable=not main, desc="train", dynamic_ncols=True)
-    for epoch in range(1, cfg.epochs + 1):
+    start = window_time = time.perf_counter()
+    dev = accelerator.device
+    window_loss = torch.tensor(st["window_loss"], device=dev)
+    epoch_loss = torch.tensor(st["epoch_loss"], device=dev)
+    tokens_seen = torch.zeros((), dtype=torch.long, device=dev)  # since start/resume
+    nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+    grad_norm = None
+    fault_step = int(test_hook("NAN_AT_STEP"))  # fault injection for the tests
+    bar = tqdm(total=total_steps, initial=st["step"], disable=not main, desc="train",
+               dynamic_ncols=True)
+    good = snapshot()
+    if rng is not None:
+        restore_rng(rng)  # after every load that drew random numbers (LoRA init, ...)
+    for epoch in range(st["epoch"], cfg.epochs + 1):
+        st["epoch"] = epoch
         data.set_epoch(epoch)
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        epoch_loss, epoch_micro = torch.zeros((), device=accelerator.device), 0
-        for micro, batch in enumerate(loader):
+        skip = st["micro"]
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for micro, batch in enumerate(batches, start=skip):
             # Accelerate divides every micro-loss by the accumulation steps; an epoch's last
             # window may be shorter, so rescale to keep its gradient a mean, not a fraction.
             window = min(accum, len(loader) - micro // accum * accum)
@@ -230,64 +314,77 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
                 q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
                 p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (B*G, D)
                 loss = info_nce(q, p, cfg.temperature, batch["false_negative_mask"])
+                if fault_step == st["step"] + 1:
+                    loss = loss * float("nan")
+                nonfinite |= ~torch.isfinite(loss.detach())
                 accelerator.backward(loss * (accum / window) if window < accum else loss)
                 if accelerator.sync_gradients:
+                    if nonfinite.item():  # one host sync per optimizer step
+                        stop_on_nonfinite(cfg.output_dir, good, checkpoint)
                     grad_norm = accelerator.clip_grad_norm_(
                         model.parameters(), cfg.max_grad_norm or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            n = batch["query_input_ids"].shape[0]
-            samples += n * world
-            window_samples += n * world
+            n = batch["query_input_ids"].shape[0] * world
+            st["micro"], st["samples"], st["window_samples"] = micro + 1, st["samples"] + n, \
+                st["window_samples"] + n
             # Counted on the device; read back only when logging (no per-step host sync).
             tokens_seen += batch["query_attention_mask"].sum()
             tokens_seen += batch["passage_attention_mask"].sum()
             window_loss += loss.detach()
             epoch_loss += loss.detach()
-            window_micro += 1
-            epoch_micro += 1
+            st["window_micro"] += 1
+            st["epoch_micro"] += 1
             if not accelerator.sync_gradients:
                 continue
             lr = scheduler.get_last_lr()[0]  # the rate this step trained at
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
-            step += 1
+            st["step"] += 1
+            step = st["step"]
             bar.update(1)
+            time.sleep(test_hook("SLEEP_PER_STEP"))  # lets the tests kill a run mid-way
             if step % cfg.logging_steps == 0 or step == total_steps:
                 now = time.perf_counter()
-                tokens = int(tokens_seen) * world
-                last_loss = accelerator.reduce(window_loss, "mean").item() / window_micro
+                mean = accelerator.reduce(window_loss, "mean").item()
+                st["last_loss"] = mean / st["window_micro"]
                 record = {
-                    "step": step, "epoch": epoch, "loss": last_loss,
-                    "learning_rate": lr,
+                    "step": step, "epoch": epoch, "loss": st["last_loss"], "learning_rate": lr,
                     "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "samples_per_second": window_samples / max(now - window_start, 1e-9),
-                    "tokens": tokens, "elapsed_s": now - start,
+                    "samples_per_second": st["window_samples"] / max(now - window_time, 1e-9),
+                    "tokens": st["tokens"] + int(tokens_seen) * world,  # since the run began
+                    "elapsed_s": st["elapsed_s"] + now - start,
                 }
                 logger.log_step(record)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['learning_rate']:.2e}",
+                bar.set_postfix(loss=f"{st['last_loss']:.4f}", lr=f"{lr:.2e}",
                                 sps=f"{record['samples_per_second']:.1f}")
                 window_loss.zero_()
-                window_micro, window_samples, window_start = 0, 0, now
+                st["window_micro"], st["window_samples"], window_time = 0, 0, now
+            good = snapshot()
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                checkpoint(os.path.join(cfg.output_dir, f"checkpoint-step-{step}"), good)
             if step >= total_steps:
                 break
-        epoch_mean = accelerator.reduce(epoch_loss, "mean").item() / max(epoch_micro, 1)
-        epoch_eval = run_eval(step)
+        epoch_mean = accelerator.reduce(epoch_loss, "mean").item() / max(st["epoch_micro"], 1)
+        epoch_eval = run_eval(st["step"])
         if epoch_eval is not None:
-            evals["per_epoch"].append({"epoch": epoch, "step": step, **epoch_eval})
-        logger.log_epoch(epoch, epoch_mean, step, epoch_eval)
-        finished_epoch = epoch_micro == len(loader)
-        if cfg.save_on_epoch_end and finished_epoch:
+            st["evals"]["per_epoch"].append({"epoch": epoch, "step": st["step"], **epoch_eval})
+        logger.log_epoch(epoch, epoch_mean, st["step"], epoch_eval)
+        if cfg.save_on_epoch_end and st["micro"] == len(loader):
             save_model(accelerator, model, tokenizer, train_config,
                        os.path.join(cfg.output_dir, f"checkpoint-epoch-{epoch}"))
         say(f"epoch {epoch}: mean loss {epoch_mean:.4f}")
-        if step >= total_steps:
+        st.update(micro=0, epoch_micro=0, epoch=epoch + 1)
+        epoch_loss.zero_()
+        good = snapshot()
+        if st["step"] >= total_steps:
             break
     bar.close()
-    tokens = int(tokens_seen) * world
+    step, samples, last_loss, evals = st["step"], st["samples"], st["last_loss"], st["evals"]
+    tokens = st["tokens"] + int(tokens_seen) * world
 
     save_model(accelerator, model, tokenizer, train_config, os.path.join(cfg.output_dir, "final"))
-    seconds = time.perf_counter() - start
+    seconds = st["elapsed_s"] + time.perf_counter() - start
     summary = {
         "config": cfg.to_dict(),
         "embedding": {k: v for k, v in train_config.items() if k != "train_args"},

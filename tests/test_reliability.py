@@ -1,0 +1,230 @@
+"""Refusing bad input cleanly, never clobbering results, exact resume after a kill, NaN stops."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train as train_script
+from tests.conftest import ROOT, learnable_rows, write_jsonl
+from tests.test_trainer import run_train
+
+GOOD = '{"query": "q", "pos": ["a"], "neg": ["b"]}\n'
+DATA_CASES = [  # (file bytes, line, message)
+    (b"not json\n", 1, "not valid JSON"),
+    (b'["a list"]\n', 1, "expected a JSON object, got list"),
+    (b'{"pos": ["a"]}\n', 1, "missing 'query'"),
+    (b'{"query": "", "pos": ["a"]}\n', 1, "'query' is empty"),
+    (b'{"query": 7, "pos": ["a"]}\n', 1, "'query' must be a string, got int"),
+    (b'{"query": "q"}\n', 1, "missing 'pos'"),
+    (b'{"query": "q", "pos": []}\n', 1, "'pos' is empty"),
+    (b'{"query": "q", "pos": "a"}\n', 1, "'pos' must be a list of strings, got str"),
+    (b'{"query": "q", "pos": ["a", null]}\n', 1, "'pos[1]' must be a string, got NoneType"),
+    (b'{"query": "q", "pos": ["a"], "neg": [1]}\n', 1, "'neg[0]' must be a string, got int"),
+    (b'{"query": "q", "pos": ["a"], "neg": "b"}\n', 1, "'neg' must be a list of strings"),
+    (b"", 1, "the file holds no training rows"),
+    (b"\n  \n\n", 1, "the file holds no training rows"),
+    (GOOD.encode() + '{"query": "caf\xe9", "pos": ["a"]}\n'.encode("latin-1"), 2, "not UTF-8"),
+    (GOOD.encode() * 3 + b"{oops\n", 4, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("content, line, message", DATA_CASES)
+def test_bad_data_exit_2_naming_the_line(content, line, message, tiny_decoder, tmp_path,
+                                         capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    out = tmp_path / "out"
+    code = train_script.main(["--model_name_or_path", tiny_decoder, "--train_dataset", str(data),
+                              "--output_dir", str(out), "--batch_size", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"train.py: error: {data}:{line}: {message}" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+FLAG_CASES = [
+    (["--finetune_type", "adapter"], "invalid choice: 'adapter'"),
+    (["--quantization_bits", "2"], "invalid choice: 2"),
+    (["--finetune_type", "full", "--quantization_bits", "4"], "applies to qlora only, not full"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--passage_max_len", "-5"], "--passage_max_len must be positive"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "-0.1"], "--temperature must be > 0"),
+    (["--model_name_or_path", "/no/such/model"], "no such folder"),
+    (["--model_name_or_path", "no-such-org/no-such-model"], "train.py: error:"),
+    (["--eval_dataset", "/no/such.jsonl"], "--eval_dataset /no/such.jsonl: no such file"),
+]
+
+
+@pytest.mark.parametrize("flags, message", FLAG_CASES)
+def test_bad_flags_exit_2_with_one_line(flags, message, tiny_decoder, learnable_data, tmp_path,
+                                        capsys):
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_decoder, "--train_dataset", learnable_data,
+            "--output_dir", str(out), "--batch_size", "2", *flags]
+    try:
+        code = train_script.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_bom_and_crlf_train_fine(tiny_decoder, tmp_path):
+    rows = learnable_rows(8)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows)
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes("\ufeff".encode() + text.encode())
+    assert run_train(tiny_decoder, str(data), tmp_path / "o", "--finetune_type", "lora",
+                     "--max_steps", "1", "--save_on_epoch_end", "0")[0] == 0
+
+
+# --- exact resume -------------------------------------------------------------------------
+
+KINDS = {"lora": ["--finetune_type", "lora"],
+         "qlora4": ["--finetune_type", "qlora", "--quantization_bits", "4"],
+         "full": ["--finetune_type", "full"]}
+
+
+def _cmd(model, data, out, kind, *extra):
+    return [sys.executable, "train.py", "--model_name_or_path", model, "--train_dataset", data,
+            "--output_dir", str(out), "--batch_size", "4", "--epochs", "2", "--lr", "2e-3",
+            "--neg_nums", "2", "--temperature", "0.05", "--lora_r", "4", "--lora_alpha", "8",
+            "--seed", "7", "--save_steps", "3", "--save_on_epoch_end", "0",
+            *KINDS[kind], *extra]
+
+
+def _weights(folder):
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() \
+        else "model.safetensors"
+    return load_file(str(folder / name))
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _kill_when(proc, exists, timeout=120):
+    deadline = time.time() + timeout
+    while not exists.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, tiny_decoder, learnable_data,
+                                                         tmp_path):
+    whole = tmp_path / "whole"
+    subprocess.run(_cmd(tiny_decoder, learnable_data, whole, kind), cwd=ROOT, env=ENV,
+                   check=True, capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, kind), cwd=ROOT,
+                            env={**ENV, "EMBEDRAG_TEST_SLEEP_PER_STEP": "0.3"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(proc, cut / "checkpoint-step-6")  # killed during epoch 1, after step 6 or 7
+    assert not (cut / "final").exists()
+    logged = json.loads((cut / "detailed_training_logs.json").read_text())
+    assert 6 <= len(logged) < 12
+    done = subprocess.run(_cmd(tiny_decoder, learnable_data, cut, kind,
+                               "--resume_from_checkpoint", "latest"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout + done.stderr
+    assert _max_diff(_weights(whole / "final"), _weights(cut / "final")) < 1e-5
+    # the logs read as one run: every step once, same losses as the uninterrupted run
+    steps = json.loads((cut / "detailed_training_logs.json").read_text())
+    reference = json.loads((whole / "detailed_training_logs.json").read_text())
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in reference], abs=1e-5)
+    report = json.loads((cut / "training_summary_report.json").read_text())
+    assert report["totals"]["samples"] == 48 and report["totals"]["steps"] == 12
+
+
+def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tiny_decoder,
+                                                                     learnable_data, tmp_path):
+    whole = tmp_path / "whole"
+    subprocess.run(_cmd(tiny_decoder, learnable_data, whole, "lora"), cwd=ROOT, env=ENV,
+                   check=True, capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, "lora"), cwd=ROOT,
+                            env={**ENV, "EMBEDRAG_TEST_SAVE_DELAY": "30"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(proc, cut / "checkpoint-step-3.tmp" / "training_state.pt")
+    assert not (cut / "checkpoint-step-3").exists()  # nothing that looks complete
+    done = subprocess.run(_cmd(tiny_decoder, learnable_data, cut, "lora",
+                               "--resume_from_checkpoint", "latest"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and "no complete checkpoint-step-N/" in done.stderr
+    # a second attempt with a complete checkpoint behind the half-written one
+    proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, "lora",
+                                 "--overwrite_output_dir"), cwd=ROOT,
+                            env={**ENV, "EMBEDRAG_TEST_SLEEP_PER_STEP": "0.2"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(proc, cut / "checkpoint-step-3")
+    os.makedirs(cut / "checkpoint-step-9.tmp", exist_ok=True)  # as a kill mid-save leaves it
+    done = subprocess.run(_cmd(tiny_decoder, learnable_data, cut, "lora",
+                               "--resume_from_checkpoint", "latest"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _max_diff(_weights(whole / "final"), _weights(cut / "final")) < 1e-5
+
+
+def test_nan_stops_with_the_last_good_checkpoint_intact(tiny_decoder, learnable_data, tmp_path):
+    out = tmp_path / "o"
+    done = subprocess.run(_cmd(tiny_decoder, learnable_data, out, "lora"), cwd=ROOT,
+                          env={**ENV, "EMBEDRAG_TEST_NAN_AT_STEP": "5"}, capture_output=True,
+                          text=True)
+    assert done.returncode == 3
+    assert "not finite at step 5 (epoch 1)" in done.stderr and "Traceback" not in done.stderr
+    assert not (out / "final").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-step-*")) == [
+        "checkpoint-step-3", "checkpoint-step-4"]
+    state = json.loads((out / "checkpoint-step-4" / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in _weights(out / "checkpoint-step-4").values())
+    logged = json.loads((out / "detailed_training_logs.json").read_text())
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_pickled_code(tiny_decoder, learnable_data, tmp_path):
+    out = tmp_path / "o"
+    subprocess.run(_cmd(tiny_decoder, learnable_data, out, "lora", "--max_steps", "3"),
+                   cwd=ROOT, env=ENV, check=True, capture_output=True)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"optimizer": Evil()}, out / "checkpoint-step-3" / "training_state.pt")
+    done = subprocess.run(_cmd(tiny_decoder, learnable_data, out, "lora",
+                               "--resume_from_checkpoint", "latest"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_different_job(tiny_decoder, learnable_data, tmp_path):
+    out = tmp_path / "o"
+    subprocess.run(_cmd(tiny_decoder, learnable_data, out, "lora", "--max_steps", "3"),
+                   cwd=ROOT, env=ENV, check=True, capture_output=True)
+    other = write_jsonl(tmp_path / "other.jsonl", learnable_rows(12, seed=1))
+    done = subprocess.run(_cmd(tiny_decoder, other, out, "lora", "--resume_from_checkpoint",
+                               "latest"), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and "cannot resume with different settings" in done.stderr
