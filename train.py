@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train.py: error: {line}", file=sys.stderr)
         return 2
 
-    from embedrag.trainer import NonFiniteLossError, OutputDirError, check_output_dir, train
+    from embedrag.checkpoints import OutputDirError, check_output_dir
+    from embedrag.trainer import NonFiniteLossError, train
 
     try:
         check_output_dir(cfg)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from embedrag.config import write_json
+from embedrag.config import TrainConfig, write_json
 
 
 def atomic_dir(path: str) -> str:
@@ -151,3 +151,60 @@ def load_step_checkpoint(path: str, model: Any, optimizer: Any,
     scheduler.load_state_dict(blob["scheduler"])
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         return json.load(f), blob["rng"]
+
+
+# --- the output folder ---
+class OutputDirError(RuntimeError):
+    """--output_dir holds an earlier run and the user did not ask to overwrite it."""
+
+
+RESUME_MUST_MATCH = ("model_name_or_path", "train_dataset", "finetune_type", "quantization_bits",
+                     "batch_size", "gradient_accumulation_steps", "neg_nums", "seed", "pooling",
+                     "query_instruction", "query_max_len", "passage_max_len", "lora_r",
+                     "lora_alpha", "lora_target_modules")
+
+
+def check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    """A resumed run must continue the same job; epochs, max_steps and saving may change."""
+    changed = [f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+               if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise OutputDirError("cannot resume with different settings: " + "; ".join(changed))
+
+
+RUN_FILES = ("final", "runs", "detailed_training_logs.json", "training_losses.json",
+             "training_summary_report.json")
+
+
+def _is_run_entry(name: str) -> bool:
+    base = name.removesuffix(".tmp").removesuffix(".old")
+    return base in RUN_FILES or base.startswith("checkpoint-")
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse a non-empty --output_dir unless asked, and never one holding the inputs."""
+    for flag, path in (("--model_name_or_path", cfg.model_name_or_path),
+                       ("--train_dataset", cfg.train_dataset)):
+        if os.path.exists(path) and _inside(path, cfg.output_dir):
+            raise OutputDirError(f"--output_dir {cfg.output_dir} holds {flag} {path}; "
+                                 "choose a separate output folder")
+    out = cfg.output_dir
+    resuming = bool(cfg.resume_from_checkpoint)
+    if os.path.isdir(out) and os.listdir(out) and not (cfg.overwrite_output_dir or resuming):
+        raise OutputDirError(f"--output_dir {cfg.output_dir} is not empty; pass "
+                             "--overwrite_output_dir to replace its contents, or "
+                             "--resume_from_checkpoint latest to continue it")
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """Remove what an earlier run wrote (and nothing else the user keeps there)."""
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):
+        if _is_run_entry(name):
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
