@@ -29,12 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from embedrag.checkpoints import OutputDirError, check_output_dir
-    from embedrag.trainer import NonFiniteLossError, train
+    from embedrag.trainer import LaunchError, NonFiniteLossError, train
 
     try:
         check_output_dir(cfg)
         train(cfg, examples, eval_examples)
-    except (OutputDirError, DataError, OSError, pickle.UnpicklingError) as e:
+    except (OutputDirError, DataError, LaunchError, OSError, pickle.UnpicklingError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         print(f"train.py: error: {lines[0]}", file=sys.stderr)
         return 2

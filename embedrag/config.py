@@ -104,6 +104,14 @@ class TrainConfig:
     mixed_precision: str = _flag(
         "Autocast through Accelerate: no, fp16 or bf16. Under lora/qlora the frozen base is also "
         "loaded in that dtype to save memory.", default="no", choices=MIXED_PRECISIONS)
+    grad_cache_chunk_size: int = _flag(
+        "GradCache: embed the batch in chunks of this many texts without a graph, then "
+        "backpropagate chunk by chunk. Same loss and gradients, memory of one chunk: big "
+        "batches (more in-batch negatives) on small GPUs (0 = off).", default=0)
+    cross_device_negatives: int = _flag(
+        "With several processes, score each query against the passages of all of them "
+        "(a gather that keeps gradients), as one process with the whole batch would: 1 on, 0 off.",
+        default=1, choices=(0, 1))
     gradient_checkpointing: bool = _flag(
         "Recompute activations in the backward pass: less memory, ~30%% more time.", default=False)
     overwrite_output_dir: bool = _flag(
@@ -162,7 +170,7 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ["neg_nums", "max_steps", "num_workers", "max_grad_norm", "weight_decay",
-                 "save_steps", "save_total_limit"]:
+                 "save_steps", "save_total_limit", "grad_cache_chunk_size"]:
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.temperature <= 0:

@@ -187,9 +187,9 @@ class TrainingSet(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pads queries and passages separately, each to its own longest member, and builds the
-    false-negative mask: candidate j is masked for query i when its text is a positive of query
-    i's text (in any row) but not the one drawn as its target."""
+    """Pads queries and passages separately, each to its own longest member. Passages come
+    row-major (query i's positive at i*G, then its G-1 negatives); `relevant_ids` lists every
+    positive of each query's text (over all rows), for the loss's false-negative mask."""
 
     def __init__(self, data: TrainingSet, pad_id: int, padding_side: str):
         self.data = data
@@ -197,20 +197,20 @@ class Collator:
         self.padding_side = padding_side
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        group = 1 + self.data.neg_nums
         passages = [p for it in items for p in [it["pos"], *it["negs"]]]  # row-major
         q_ids, q_mask = pad([self.data.query_ids[it["row"]] for it in items], self.pad_id,
                             self.padding_side)
         p_ids, p_mask = pad([self.data.passage_ids[p] for p in passages], self.pad_id,
                             self.padding_side)
-        cand = torch.tensor(passages)                                         # (P,)
-        fn_mask = torch.zeros((len(items), len(passages)), dtype=torch.bool)  # (B, P)
+        # Passage ids and each query's relevant ids travel with the batch, so the mask can be
+        # built against the passages of every process when negatives are shared across them.
+        width = max(len(it["pos_set"]) for it in items)
+        relevant = torch.full((len(items), width), -1, dtype=torch.long)     # (B, R)
         for i, it in enumerate(items):
-            fn_mask[i] = torch.isin(cand, torch.tensor(it["pos_set"]))
-            fn_mask[i, i * group] = False
+            relevant[i, : len(it["pos_set"])] = torch.tensor(it["pos_set"])
         return {
             "query_input_ids": q_ids, "query_attention_mask": q_mask,
             "passage_input_ids": p_ids, "passage_attention_mask": p_mask,
-            "false_negative_mask": fn_mask,
+            "passage_ids": torch.tensor(passages), "relevant_ids": relevant,
             "rows": torch.tensor([it["row"] for it in items]),
         }

@@ -1,4 +1,4 @@
-"""InfoNCE over in-batch and hard negatives.
+"""InfoNCE over in-batch and hard negatives, shared across processes, optionally cached.
 
 Inputs are L2-normalised embeddings:
     q: (B, D)      one row per query
@@ -6,29 +6,151 @@ Inputs are L2-normalised embeddings:
                    i*G, followed by its G-1 hard negatives.
 Every query is scored against every passage of the batch, so each query sees its own hard
 negatives, the other queries' positives and their hard negatives (B*G - 1 negatives in all).
+With several processes, the passages of all of them are gathered (keeping gradients), so a
+query sees W*B*G - 1 negatives, exactly as one process with the W-fold batch would.
 
-    loss = mean_i  -log( exp(s(i, i*G)) / sum_j exp(s(i, j)) ),   s(i, j) = q_i . p_j / temperature
+    loss = mean_i  -log( exp(s(i, t_i)) / sum_j exp(s(i, j)) ),   s(i, j) = q_i . p_j / temperature
 
 A candidate whose text is one of query i's own positives (the same passage drawn for another
-query, or a second positive of the row) is a false negative: it is masked out of the sum rather
-than pushed away. Use it for any retrieval data with (query, positive[, negatives]) rows.
+query, or a second positive of the query) is a false negative: it is masked out of the sum
+rather than pushed away. Use it for any retrieval data with (query, positive[, negatives]) rows.
+
+GradCache (Gao et al., 2021) computes the same loss and gradients for batches too large to
+backpropagate at once: embed in chunks without a graph, take the loss's gradient with respect
+to the embeddings, then re-embed each chunk with a graph (replaying its dropout) and
+backpropagate that cached gradient.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
 def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float,
-             false_negative_mask: torch.Tensor | None = None) -> torch.Tensor:
+             false_negative_mask: torch.Tensor | None = None,
+             targets: torch.Tensor | None = None) -> torch.Tensor:
     """Mean InfoNCE loss of the batch (a scalar).
 
-    false_negative_mask: (B, B*G) bool, True where a candidate is left out of query i's sum.
+    false_negative_mask: (B, P) bool, True where a candidate is left out of query i's sum.
+    targets: (B,) index of each query's positive in p; default i*G.
     """
-    group = p.shape[0] // q.shape[0]
-    scores = (q.float() @ p.float().T) / temperature                      # (B, B*G)
+    scores = (q.float() @ p.float().T) / temperature                      # (B, P)
     if false_negative_mask is not None:
         scores = scores.masked_fill(false_negative_mask, float("-inf"))
-    targets = torch.arange(q.shape[0], device=q.device) * group           # (B,)
+    if targets is None:
+        targets = torch.arange(q.shape[0], device=q.device) * (p.shape[0] // q.shape[0])
     return F.cross_entropy(scores, targets)
+
+
+def false_negative_mask(relevant: torch.Tensor, passage_ids: torch.Tensor,
+                        targets: torch.Tensor) -> torch.Tensor:
+    """(B, P) bool: candidate j is one of query i's positives (by passage id) but not its target.
+
+    relevant: (B, R) passage ids relevant to each query, padded with -1; passage_ids: (P,).
+    """
+    mask = (passage_ids[None, :, None] == relevant[:, None, :]).any(dim=-1)   # (B, P)
+    mask[torch.arange(relevant.shape[0], device=mask.device), targets] = False
+    return mask
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) on each of W processes -> (W*n, ...), in rank order, with gradients flowing
+    back to each process's own part (Accelerate's `gather` detaches). Same n everywhere:
+    Accelerate's even batches guarantee it."""
+    if not _distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_ids(x: torch.Tensor) -> torch.Tensor:
+    """Integer ids from every process, no gradients. (n,) -> (W*n,)."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def embedding_loss(q: torch.Tensor, p: torch.Tensor, relevant: torch.Tensor,
+                   passage_ids: torch.Tensor, temperature: float,
+                   cross_device: bool = True) -> torch.Tensor:
+    """InfoNCE of this process's queries against its passages, or against every process's
+    passages when cross_device (and there are several processes).
+
+    Scaling: each process returns the mean over its own queries. Gradients reach every
+    process's passages through the gather, and data-parallel training averages gradients over
+    the W processes, which makes them equal to those of the mean over all W*B queries on one
+    process — the single-process large-batch gradient, with no extra factor.
+    """
+    group = p.shape[0] // q.shape[0]
+    offset = 0
+    if cross_device and _distributed():
+        offset = dist.get_rank() * p.shape[0]
+        p = gather_with_grad(p)                                           # (W*B*G, D)
+        passage_ids = gather_ids(passage_ids)                             # (W*B*G,)
+    targets = offset + torch.arange(q.shape[0], device=q.device) * group  # (B,)
+    mask = false_negative_mask(relevant, passage_ids, targets)
+    return info_nce(q, p, temperature, mask, targets)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    batch: dict[str, torch.Tensor], chunk: int,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    backward: Callable[[torch.Tensor, bool], None]) -> torch.Tensor:
+    """One GradCache forward/backward; returns the (detached) loss.
+
+    encode(input_ids, mask) -> embeddings; loss_fn(q, p) -> scalar loss;
+    backward(surrogate, last) backpropagates a scalar (`last` is the final call of the step,
+    where data-parallel gradient sync may happen). Chunks of at most `chunk` texts.
+    """
+    device = batch["query_input_ids"].device
+    parts = []  # (input_ids, mask, rng state) per chunk, queries first
+    for kind in ("query", "passage"):
+        ids, mask = batch[f"{kind}_input_ids"], batch[f"{kind}_attention_mask"]
+        for start in range(0, ids.shape[0], chunk):
+            parts.append((kind, ids[start:start + chunk], mask[start:start + chunk]))
+    # 1. embed every chunk without a graph, remembering the RNG state it started from
+    reps, states = [], []
+    with torch.no_grad():
+        for _, ids, mask in parts:
+            states.append(_rng_state(device))
+            reps.append(encode(ids, mask))
+    q = torch.cat([r for r, (k, _, _) in zip(reps, parts, strict=True) if k == "query"])
+    p = torch.cat([r for r, (k, _, _) in zip(reps, parts, strict=True) if k == "passage"])
+    q, p = q.detach().requires_grad_(), p.detach().requires_grad_()
+    # 2. the loss and its gradient with respect to the embeddings only
+    loss = loss_fn(q, p)
+    grad_q, grad_p = torch.autograd.grad(loss, [q, p])
+    grads = list(grad_q.split([len(r) for r, (k, _, _) in zip(reps, parts, strict=True)
+                               if k == "query"]))
+    grads += list(grad_p.split([len(r) for r, (k, _, _) in zip(reps, parts, strict=True)
+                                if k == "passage"]))
+    # 3. re-embed each chunk with a graph and the same dropout, push its cached gradient back
+    after = _rng_state(device)
+    for n, ((_, ids, mask), state, g) in enumerate(zip(parts, states, grads, strict=True)):
+        _set_rng_state(state, device)
+        rep = encode(ids, mask)
+        backward((rep * g).sum(), n == len(parts) - 1)
+    _set_rng_state(after, device)
+    return loss.detach()

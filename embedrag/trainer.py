@@ -26,7 +26,7 @@ from embedrag.config import TrainConfig, write_json
 from embedrag.data import Collator, Example, TrainingSet
 from embedrag.evaluation import evaluate, format_table
 from embedrag.logs import RunLogger, peak_memory
-from embedrag.loss import info_nce
+from embedrag.loss import embedding_loss, grad_cache_step
 from embedrag.modeling import (
     EmbeddingModel,
     EmbedSettings,
@@ -39,6 +39,27 @@ from embedrag.modeling import (
 
 # bitsandbytes warns on every int8 matmul that it casts fp32 inputs to fp16; once is enough.
 warnings.filterwarnings("once", message=".*MatMul8bitLt: inputs will be cast.*")
+
+
+class LaunchError(RuntimeError):
+    """The run was started in a way that would silently waste hardware."""
+
+
+def check_launch(accelerator: Any, cfg: TrainConfig) -> None:
+    """One process with several GPUs visible would train on one of them and leave the others
+    idle (the seed runs `CUDA_VISIBLE_DEVICES=0,1 python train.py`). We stop and show the
+    data-parallel launch instead of spreading layers over GPUs, which is slower for models that
+    fit on one GPU — and QLoRA/LoRA on a 1.5B model always fits."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible > 1 and accelerator.num_processes == 1:
+        import shlex
+        import sys
+
+        args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+        raise LaunchError(f"{visible} GPUs are visible but train.py runs as one process, which "
+                          f"would use only one of them. Use all of them with: accelerate launch "
+                          f"--num_processes {visible} train.py {args}  (or make one GPU visible "
+                          f"with CUDA_VISIBLE_DEVICES=0)")
 
 
 def test_hook(name: str) -> float:
@@ -128,8 +149,11 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    # cpu=True on machines without CUDA lets `torch.distributed.run` start a MULTI_CPU (gloo) run.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=cfg.mixed_precision)
+                              mixed_precision=cfg.mixed_precision,
+                              cpu=not torch.cuda.is_available())
+    check_launch(accelerator, cfg)
     main = accelerator.is_main_process
     say = tqdm.write if main else (lambda *_: None)
     set_seed(cfg.seed)
@@ -214,6 +238,28 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
         accelerator.wait_for_everyone()
         return metrics
 
+    def forward_backward(batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """Embed, score and backpropagate one micro-batch; returns its loss."""
+        def loss_of(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
+                                  cfg.temperature, bool(cfg.cross_device_negatives))
+
+        if not cfg.grad_cache_chunk_size:
+            q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
+            p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (B*G, D)
+            loss = loss_of(q, p)
+            accelerator.backward(loss * scale)
+            return loss
+
+        def backward(surrogate: torch.Tensor, last: bool) -> None:
+            if last or not accelerator.sync_gradients:  # sync gradients once, at the end
+                accelerator.backward(surrogate * scale)
+            else:
+                with accelerator.no_sync(model):
+                    accelerator.backward(surrogate * scale)
+
+        return grad_cache_step(model, batch, cfg.grad_cache_chunk_size, loss_of, backward)
+
     def snapshot() -> tuple:
         """Counters as of the last finished optimizer step (device scalars: no host sync)."""
         return dict(st), window_loss.clone(), epoch_loss.clone(), tokens_seen.clone()
@@ -257,13 +303,10 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
             # window may be shorter, so rescale to keep its gradient a mean, not a fraction.
             window = min(accum, len(loader) - micro // accum * accum)
             with accelerator.accumulate(model):
-                q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
-                p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (B*G, D)
-                loss = info_nce(q, p, cfg.temperature, batch["false_negative_mask"])
+                loss = forward_backward(batch, accum / window if window < accum else 1.0)
                 if fault_step == st["step"] + 1:
                     loss = loss * float("nan")
                 nonfinite |= ~torch.isfinite(loss.detach())
-                accelerator.backward(loss * (accum / window) if window < accum else loss)
                 if accelerator.sync_gradients:
                     if nonfinite.item():  # one host sync per optimizer step
                         stop_on_nonfinite(cfg.output_dir, good, checkpoint)

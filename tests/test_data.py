@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from embedrag.data import Collator, DataError, TrainingSet, pad, read_jsonl, tokenize
+from embedrag.loss import false_negative_mask
 from embedrag.modeling import load_tokenizer
 from tests.conftest import ROOT, learnable_rows, write_jsonl
 
@@ -110,13 +111,14 @@ def test_collator_orders_passages_and_masks_false_negatives(tok):
     data = _set(rows, tok, neg_nums=1)
     items = [data[i] for i in range(3)]
     batch = Collator(data, tok.pad_token_id, "right")(items)
-    texts = [data.passages[i] for it in items for i in [it["pos"], *it["negs"]]]
+    texts = [data.passages[i] for i in batch["passage_ids"].tolist()]
     assert texts[2:] == ["shared", "n1", "p2", "p0"]
     want = torch.zeros(3, 6, dtype=torch.bool)
     for i, row in enumerate(rows):
         for j, t in enumerate(texts):
             want[i, j] = t in row["pos"] and j != 2 * i
-    assert torch.equal(batch["false_negative_mask"], want)
+    mask = false_negative_mask(batch["relevant_ids"], batch["passage_ids"], torch.arange(3) * 2)
+    assert torch.equal(mask, want)
     assert batch["passage_input_ids"].shape[1] == max(len(data.passage_ids[data.passages.index(t)])
                                                       for t in texts)
 
@@ -138,8 +140,9 @@ def test_rows_sharing_a_query_share_their_positives(tok):
     assert [data.passages[n] for n in data.neg[0]] == ["x"]  # "b" is relevant to "q"
     assert [data.passages[n] for n in data.neg[1]] == ["y"]
     batch = Collator(data, tok.pad_token_id, "right")([data[0], data[1], data[2]])
+    mask = false_negative_mask(batch["relevant_ids"], batch["passage_ids"], torch.arange(3) * 2)
     # passages: a, x, b, y, c, a -> for query 0, "b" (j=2) and the second "a" (j=5) are masked
-    assert batch["false_negative_mask"][0].tolist() == [False, False, True, False, False, True]
+    assert mask[0].tolist() == [False, False, True, False, False, True]
 
 
 def test_fixture_file_round_trips(tmp_path):

@@ -1,0 +1,170 @@
+"""GradCache equals plain backprop; two processes with shared negatives equal one with the
+whole batch; several GPUs in one process are refused with the launch line to use."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, learnable_rows, write_jsonl
+from tests.test_trainer import run_train
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _batch(tok, n=6, neg=1):
+    from embedrag.data import Collator, Example, TrainingSet
+
+    rows = learnable_rows(n)
+    ex = [Example(r["query"], r["pos"], r["neg"], i) for i, r in enumerate(rows)]
+    data = TrainingSet(ex, tok, neg_nums=neg, query_max_len=16, passage_max_len=24,
+                       query_instruction="", append_eos=True, seed=0)
+    return Collator(data, tok.pad_token_id, tok.padding_side)([data[i] for i in range(n)])
+
+
+def _model(kind, path):
+    from accelerate.utils import set_seed
+
+    from embedrag.config import TrainConfig
+    from embedrag.modeling import EmbeddingModel, load_backbone
+
+    set_seed(0)
+    cfg = TrainConfig(model_name_or_path=path, train_dataset="", output_dir="", batch_size=6,
+                      finetune_type=kind, lora_r=4, lora_alpha=8, lora_dropout=0.3)
+    backbone, _ = load_backbone(cfg, torch.device("cpu"))
+    if kind == "lora":  # give lora_B weights so that every adapter weight gets a gradient
+        for n, p in backbone.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+    return EmbeddingModel(backbone, "last").train()
+
+
+@pytest.fixture(scope="module")
+def decoder_with_dropout(tmp_path_factory):
+    """The tiny Qwen2 with attention dropout on, so that full fine-tuning has dropout too."""
+    from transformers import AutoConfig, AutoModel
+
+    from tests.conftest import build_tiny_decoder
+
+    path = build_tiny_decoder(str(tmp_path_factory.mktemp("dropout_qwen2")))
+    config = AutoConfig.from_pretrained(path)
+    config.attention_dropout = 0.3
+    AutoModel.from_pretrained(path, config=config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_grad_cache_equals_plain_backprop_with_dropout(kind, chunk, decoder_with_dropout):
+    from embedrag.loss import embedding_loss, grad_cache_step
+    from embedrag.modeling import load_tokenizer
+
+    tok = load_tokenizer(decoder_with_dropout)
+    batch = _batch(tok)
+    model = _model(kind, decoder_with_dropout)
+
+    def loss_of(q, p):
+        return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"], 0.05)
+
+    # Reference: the same chunks in the same order from the same RNG state, one graph.
+    torch.manual_seed(123)
+    reps = {"query": [], "passage": []}
+    for kind_ in ("query", "passage"):
+        ids, mask = batch[f"{kind_}_input_ids"], batch[f"{kind_}_attention_mask"]
+        for s in range(0, ids.shape[0], chunk):
+            reps[kind_].append(model(ids[s:s + chunk], mask[s:s + chunk]))
+    plain = loss_of(torch.cat(reps["query"]), torch.cat(reps["passage"]))
+    plain.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(123)
+    cached = grad_cache_step(model, batch, chunk, loss_of, lambda s, last: s.backward())
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(cached.item() - plain.item()) < 1e-5
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got) == set(want) and len(got) >= len(trainable) - 2  # (unused rows aside)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-5, rtol=1e-4), name
+    # dropout really was on: another RNG state gives another loss
+    torch.manual_seed(7)
+    with torch.no_grad():
+        other = loss_of(model(batch["query_input_ids"], batch["query_attention_mask"]),
+                        model(batch["passage_input_ids"], batch["passage_attention_mask"]))
+    assert abs(other.item() - plain.item()) > 1e-4
+
+
+def _adapter(out):
+    return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+
+def test_grad_cache_in_train_py_gives_the_same_adapter(tiny_decoder, learnable_data, tmp_path):
+    args = ["--finetune_type", "lora", "--lora_dropout", "0", "--save_on_epoch_end", "0",
+            "--gradient_accumulation_steps", "2"]
+    assert run_train(tiny_decoder, learnable_data, tmp_path / "plain", *args)[0] == 0
+    assert run_train(tiny_decoder, learnable_data, tmp_path / "gc", *args,
+                     "--grad_cache_chunk_size", "3")[0] == 0
+    plain, gc = _adapter(tmp_path / "plain"), _adapter(tmp_path / "gc")
+    assert max((plain[k] - gc[k]).abs().max().item() for k in plain) < 1e-5
+    losses = [json.loads((tmp_path / d / "detailed_training_logs.json").read_text())
+              for d in ("plain", "gc")]
+    assert [r["loss"] for r in losses[0]] == pytest.approx([r["loss"] for r in losses[1]],
+                                                           abs=1e-5)
+
+
+def _train_cmd(model, data, out, batch, *extra):
+    return ["train.py", "--model_name_or_path", model, "--train_dataset", data, "--output_dir",
+            str(out), "--batch_size", str(batch), "--finetune_type", "lora", "--lora_dropout",
+            "0", "--lora_r", "4", "--lora_alpha", "8", "--lr", "1e-2", "--neg_nums", "2",
+            "--temperature", "0.05", "--max_steps", "1", "--save_on_epoch_end", "0",
+            "--seed", "3", *extra]
+
+
+def test_two_processes_with_shared_negatives_equal_one_process_with_the_whole_batch(
+        tiny_decoder, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(8))
+    one = subprocess.run([sys.executable, *_train_cmd(tiny_decoder, data, tmp_path / "one", 8)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2",
+                          *_train_cmd(tiny_decoder, data, tmp_path / "two", 4)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "training_summary_report.json").read_text())
+    assert report["world_size"] == 2
+    losses = [json.loads((tmp_path / d / "detailed_training_logs.json").read_text())[0]["loss"]
+              for d in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # without shared negatives each process sees only its own half: a different loss
+    alone = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node", "2",
+                            *_train_cmd(tiny_decoder, data, tmp_path / "alone", 4,
+                                        "--cross_device_negatives", "0")],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    loss_alone = json.loads((tmp_path / "alone" / "detailed_training_logs.json")
+                            .read_text())[0]["loss"]
+    assert loss_alone < losses[0] - 0.1  # fewer negatives, an easier task
+
+
+def test_several_gpus_in_one_process_are_refused(monkeypatch):
+    from embedrag.trainer import LaunchError, check_launch
+
+    class OneProcess:
+        num_processes = 1
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--finetune_type", "full"])
+    with pytest.raises(LaunchError, match="accelerate launch --num_processes 2 train.py "
+                                          "--finetune_type full"):
+        check_launch(OneProcess(), None)
+    OneProcess.num_processes = 2
+    check_launch(OneProcess(), None)  # launched right: fine
