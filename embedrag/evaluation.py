@@ -12,7 +12,7 @@ import torch
 
 from embedrag.data import Example
 from embedrag.metrics import METRICS, retrieval_metrics
-from embedrag.modeling import EmbedSettings
+from embedrag.modeling import EmbedSettings, encode_with
 
 
 def corpus_of(examples: list[Example]) -> tuple[list[str], list[set[int]]]:
@@ -27,17 +27,18 @@ def corpus_of(examples: list[Example]) -> tuple[list[str], list[set[int]]]:
 @torch.no_grad()
 def evaluate(model: Any, tokenizer: Any, examples: list[Example], settings: EmbedSettings,
              batch_size: int = 32, progress: bool = False) -> dict[str, float]:
-    """ndcg@10, mrr@10, recall@1/10/100 and map@100 of `model` (an EmbeddingModel)."""
+    """ndcg@10, mrr@10, recall@1/10/100 and map@100 of `model` (an EmbeddingModel, possibly
+    wrapped by Accelerate)."""
     was_training = model.training
     model.eval()
     corpus, relevant = corpus_of(examples)
-    q = model.encode(tokenizer, [ex.query for ex in examples], max_len=settings.query_max_len,
-                     append_eos=settings.append_eos, batch_size=batch_size,
-                     instruction=settings.query_instruction,
-                     progress="queries" if progress else "")                   # (Q, D)
-    p = model.encode(tokenizer, corpus, max_len=settings.passage_max_len,
-                     append_eos=settings.append_eos, batch_size=batch_size,
-                     progress="passages" if progress else "")                  # (C, D)
+    q = encode_with(model, tokenizer, [ex.query for ex in examples],
+                    max_len=settings.query_max_len, append_eos=settings.append_eos,
+                    batch_size=batch_size, instruction=settings.query_instruction,
+                    progress="queries" if progress else "")                    # (Q, D)
+    p = encode_with(model, tokenizer, corpus, max_len=settings.passage_max_len,
+                    append_eos=settings.append_eos, batch_size=batch_size,
+                    progress="passages" if progress else "")                   # (C, D)
     model.train(was_training)
     return retrieval_metrics(q @ p.T, relevant)
 

@@ -75,30 +75,39 @@ class EmbeddingModel(nn.Module):
         return F.normalize(pooled.float(), p=2, dim=-1)
 
     @torch.no_grad()
-    def encode(self, tokenizer: Any, texts: list[str], *, max_len: int, append_eos: bool,
-               batch_size: int = 32, instruction: str = "", progress: str = "") -> torch.Tensor:
-        """Embed texts exactly as training does (same tokenization, padding, pooling).
+    def encode(self, tokenizer: Any, texts: list[str], **kwargs: Any) -> torch.Tensor:
+        """Embed texts exactly as training does; see `encode_with`."""
+        return encode_with(self, tokenizer, texts, **kwargs)
 
-        Texts are embedded longest first so each batch pads little; rows come back in input
-        order. (N, D) float32 on the CPU. `progress` names a progress bar (none when empty).
-        """
-        from tqdm.auto import tqdm
 
-        ids = tokenize(tokenizer, [instruction + t for t in texts], max_len, append_eos)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        device = next(self.parameters()).device
-        out = torch.empty((len(ids), 0))
-        chunks = []
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc=progress, disable=not progress, leave=False):
-            idx = order[start:start + batch_size]
-            input_ids, mask = pad([ids[i] for i in idx], tokenizer.pad_token_id,
-                                  tokenizer.padding_side)
-            chunks.append(self(input_ids.to(device), mask.to(device)).cpu())
-        if chunks:
-            out = torch.empty((len(ids), chunks[0].shape[1]))
-            out[torch.tensor(order)] = torch.cat(chunks)
-        return out
+@torch.no_grad()
+def encode_with(model: nn.Module, tokenizer: Any, texts: list[str], *, max_len: int,
+                append_eos: bool, batch_size: int = 32, instruction: str = "",
+                progress: str = "") -> torch.Tensor:
+    """Embed texts with `model` — an EmbeddingModel, or one wrapped by Accelerate (DDP, FSDP,
+    DeepSpeed), whose forward maps (input_ids, attention_mask) to embeddings — tokenized,
+    padded and pooled exactly as in training.
+
+    Texts are embedded longest first so each batch pads little; rows come back in input
+    order. (N, D) float32 on the CPU. `progress` names a progress bar (none when empty).
+    """
+    from tqdm.auto import tqdm
+
+    ids = tokenize(tokenizer, [instruction + t for t in texts], max_len, append_eos)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    device = next(model.parameters()).device
+    chunks = []
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=progress, disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        input_ids, mask = pad([ids[i] for i in idx], tokenizer.pad_token_id,
+                              tokenizer.padding_side)
+        chunks.append(model(input_ids.to(device), mask.to(device)).float().cpu())
+    if not chunks:
+        return torch.empty((0, 0))
+    out = torch.empty((len(ids), chunks[0].shape[1]))
+    out[torch.tensor(order)] = torch.cat(chunks)
+    return out
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:

@@ -147,7 +147,7 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
           ) -> tuple[dict[str, Any], EmbeddingModel]:
     """Train, save and return (summary report, the trained EmbeddingModel)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     # cpu=True on machines without CUDA lets `torch.distributed.run` start a MULTI_CPU (gloo) run.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -199,6 +199,11 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
     train_config = embedding_config(cfg, tokenizer, append_eos, info)
     world = accelerator.num_processes
+    if (cfg.save_steps or cfg.resume_from_checkpoint) and accelerator.distributed_type in (
+            DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise LaunchError("--save_steps and --resume_from_checkpoint support one process and "
+                          "DDP (accelerate launch --multi_gpu); DeepSpeed and FSDP shard the "
+                          "optimizer state, so use their own checkpointing there")
 
     # Counters and data position: all a step checkpoint needs besides tensors.
     st: dict[str, Any] = {"step": 0, "epoch": 1, "micro": 0, "samples": 0, "tokens": 0,
@@ -223,16 +228,22 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
         f"{accum} | {total_steps} steps ({warmup_steps} warmup) | "
         f"trainable {trainable:,} of {total:,} params | append_eos={append_eos}")
 
+    # Sharded weights (DeepSpeed, FSDP) need every process in each forward pass.
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
     def run_eval(step: int) -> dict[str, float] | None:
-        """Retrieval metrics on --eval_dataset, on the main process (others wait)."""
+        """Retrieval metrics on --eval_dataset: on the main process while the others wait, or
+        on all of them (the same computation) when the weights are sharded."""
         if eval_examples is None:
             return None
         metrics = None
-        if main:
+        if main or sharded:
             settings = EmbedSettings.from_training_config(train_config)
             with accelerator.autocast():
-                metrics = evaluate(accelerator.unwrap_model(model), tokenizer, eval_examples,
-                                   settings, batch_size=cfg.eval_batch_size)
+                metrics = evaluate(model if sharded else accelerator.unwrap_model(model),
+                                   tokenizer, eval_examples, settings,
+                                   batch_size=cfg.eval_batch_size)
+        if main:
             logger.log_eval(metrics, step)
             say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         accelerator.wait_for_everyone()

@@ -168,3 +168,19 @@ def test_several_gpus_in_one_process_are_refused(monkeypatch):
         check_launch(OneProcess(), None)
     OneProcess.num_processes = 2
     check_launch(OneProcess(), None)  # launched right: fine
+
+
+def test_shipped_accelerate_configs_load():
+    import glob
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted(glob.glob(f"{ROOT}/configs/accelerate/*.yaml")):
+        config = load_config_from_file(path)
+        kinds[os.path.basename(path)] = (str(config.distributed_type), config.num_processes)
+    assert kinds["deepspeed_zero3.yaml"] == ("DistributedType.DEEPSPEED", 2)
+    assert kinds["fsdp.yaml"] == ("DistributedType.FSDP", 2)
+    assert kinds["multi_node.yaml"] == ("DistributedType.MULTI_GPU", 16)
+    assert set(kinds) == {"multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml",
+                          "deepspeed_zero3.yaml", "fsdp.yaml"}
