@@ -187,9 +187,10 @@ class TrainingSet(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pads queries and passages separately, each to its own longest member. Passages come
-    row-major (query i's positive at i*G, then its G-1 negatives); `relevant_ids` lists every
-    positive of each query's text (over all rows), for the loss's false-negative mask."""
+    """Pads queries and passages separately, each to its own longest member. Distinct passages
+    are embedded once; `passage_index` lays them out row-major (query i's positive at slot i*G,
+    then its G-1 negatives); `relevant_ids` lists every positive of each query's text (over
+    all rows), for the loss's false-negative mask."""
 
     def __init__(self, data: TrainingSet, pad_id: int, padding_side: str):
         self.data = data
@@ -200,7 +201,11 @@ class Collator:
         passages = [p for it in items for p in [it["pos"], *it["negs"]]]  # row-major
         q_ids, q_mask = pad([self.data.query_ids[it["row"]] for it in items], self.pad_id,
                             self.padding_side)
-        p_ids, p_mask = pad([self.data.passage_ids[p] for p in passages], self.pad_id,
+        # A passage drawn twice in a batch (one query's negative is another's positive) is
+        # embedded once: `passage_index` maps each of the B*G slots to its distinct passage.
+        distinct = list(dict.fromkeys(passages))
+        slot = {p: i for i, p in enumerate(distinct)}
+        p_ids, p_mask = pad([self.data.passage_ids[p] for p in distinct], self.pad_id,
                             self.padding_side)
         # Passage ids and each query's relevant ids travel with the batch, so the mask can be
         # built against the passages of every process when negatives are shared across them.
@@ -211,6 +216,7 @@ class Collator:
         return {
             "query_input_ids": q_ids, "query_attention_mask": q_mask,
             "passage_input_ids": p_ids, "passage_attention_mask": p_mask,
+            "passage_index": torch.tensor([slot[p] for p in passages]),          # (B*G,)
             "passage_ids": torch.tensor(passages), "relevant_ids": relevant,
             "rows": torch.tensor([it["row"] for it in items]),
         }

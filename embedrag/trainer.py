@@ -252,12 +252,13 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     def forward_backward(batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """Embed, score and backpropagate one micro-batch; returns its loss."""
         def loss_of(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            p = p[batch["passage_index"]]  # distinct passages -> (B*G, D) slots
             return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
                                   cfg.temperature, bool(cfg.cross_device_negatives))
 
         if not cfg.grad_cache_chunk_size:
             q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
-            p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (B*G, D)
+            p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (P', D)
             loss = loss_of(q, p)
             accelerator.backward(loss * scale)
             return loss

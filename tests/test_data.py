@@ -148,3 +148,39 @@ def test_rows_sharing_a_query_share_their_positives(tok):
 def test_fixture_file_round_trips(tmp_path):
     rows = read_jsonl(write_jsonl(tmp_path / "x.jsonl", learnable_rows(3)))
     assert [r.query for r in rows] == [r["query"] for r in learnable_rows(3)]
+
+
+def test_duplicate_passages_are_embedded_once_with_the_same_loss_and_gradients(tiny_decoder,
+                                                                               tok):
+    """Dedup is an optimisation only: the loss and every gradient equal those of embedding
+    every slot separately (no dropout here, so copies would embed identically anyway)."""
+    from transformers import AutoModel
+
+    from embedrag.loss import embedding_loss
+    from embedrag.modeling import EmbeddingModel
+
+    rows = [{"query": "q0", "pos": ["apple pie"], "neg": ["tiger river", "zebra"]},
+            {"query": "q1", "pos": ["tiger river"], "neg": ["apple pie", "zebra"]},
+            {"query": "q2", "pos": ["zebra"], "neg": ["apple pie", "tiger river"]}]
+    data = _set(rows, tok, neg_nums=2)
+    batch = Collator(data, tok.pad_token_id, "right")([data[i] for i in range(3)])
+    assert batch["passage_input_ids"].shape[0] == 3 and batch["passage_index"].shape[0] == 9
+    model = EmbeddingModel(AutoModel.from_pretrained(tiny_decoder), "last")
+
+    def run(p_ids, p_mask, index):
+        model.zero_grad()
+        q = model(batch["query_input_ids"], batch["query_attention_mask"])
+        p = model(p_ids, p_mask)[index]
+        loss = embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"], 0.05)
+        loss.backward()
+        return loss.item(), {n: t.grad.clone() for n, t in model.named_parameters()
+                             if t.grad is not None}
+
+    dedup_loss, dedup_grads = run(batch["passage_input_ids"], batch["passage_attention_mask"],
+                                  batch["passage_index"])
+    every = batch["passage_index"]  # embed all 9 slots, copies included
+    full_loss, full_grads = run(batch["passage_input_ids"][every],
+                                batch["passage_attention_mask"][every], torch.arange(9))
+    assert abs(dedup_loss - full_loss) < 1e-5
+    for name, g in full_grads.items():
+        assert torch.allclose(dedup_grads[name], g, rtol=1e-4, atol=1e-5), name

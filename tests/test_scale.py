@@ -68,7 +68,8 @@ def test_grad_cache_equals_plain_backprop_with_dropout(kind, chunk, decoder_with
     model = _model(kind, decoder_with_dropout)
 
     def loss_of(q, p):
-        return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"], 0.05)
+        return embedding_loss(q, p[batch["passage_index"]], batch["relevant_ids"],
+                              batch["passage_ids"], 0.05)
 
     # Reference: the same chunks in the same order from the same RNG state, one graph.
     torch.manual_seed(123)
