@@ -18,7 +18,7 @@ from typing import Any
 
 FINETUNE_TYPES = ("lora", "qlora", "full")
 POOLINGS = ("last", "mean", "cls")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
 APPEND_EOS = ("auto", "yes", "no")
 
 
@@ -102,8 +102,10 @@ class TrainConfig:
         "the newest complete one in --output_dir. The result equals an uninterrupted run.",
         default="")
     mixed_precision: str = _flag(
-        "Autocast through Accelerate: no, fp16 or bf16. Under lora/qlora the frozen base is also "
-        "loaded in that dtype to save memory.", default="no", choices=MIXED_PRECISIONS)
+        "Autocast through Accelerate: no, fp16 or bf16; auto = bf16 where the hardware runs it "
+        "natively (CUDA Ampere+, CPUs with AVX-512 BF16/AMX), else no. Under lora/qlora the "
+        "frozen base is also loaded in that dtype to save memory.", default="no",
+        choices=MIXED_PRECISIONS)
     grad_cache_chunk_size: int = _flag(
         "GradCache: embed the batch in chunks of this many texts without a graph, then "
         "backpropagate chunk by chunk. Same loss and gradients, memory of one chunk: big "

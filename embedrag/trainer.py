@@ -36,6 +36,7 @@ from embedrag.modeling import (
     max_model_length,
     resolve_append_eos,
 )
+from embedrag.perf import native_bf16, utilisation
 
 # bitsandbytes warns on every int8 matmul that it casts fp32 inputs to fp16; once is enough.
 warnings.filterwarnings("once", message=".*MatMul8bitLt: inputs will be cast.*")
@@ -149,6 +150,8 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
+    if cfg.mixed_precision == "auto":
+        cfg.mixed_precision = "bf16" if native_bf16() else "no"
     # cpu=True on machines without CUDA lets `torch.distributed.run` start a MULTI_CPU (gloo) run.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=cfg.mixed_precision,
@@ -397,8 +400,19 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
         "trainable_params": trainable,
         "total_params": total,
         "peak_memory": peak_memory(accelerator.device),
+        "throughput": utilisation(
+            accelerator.unwrap_model(model).backbone, accelerator.unwrap_model(model).backbone
+            .config, cfg.finetune_type == "full", tokens,
+            samples * (1 + cfg.neg_nums) + samples, seconds, accelerator.device,
+            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision,
+                                                                 torch.float32)) if main else {},
         **eval_summary(evals, cfg.eval_dataset),
     }
+    if main:
+        t = summary["throughput"]
+        say(f"done: {step} steps, {samples / seconds:.1f} samples/s, {tokens / seconds:,.0f} "
+            f"tokens/s, {t['achieved_tflops'] * 1e3:.1f} GFLOP/s = {t['mfu']:.1%} of this "
+            f"machine's {t['peak_dtype']} matmul peak ({t['peak_tflops'] * 1e3:.0f} GFLOP/s)")
     if main and "eval" in summary:
         m = summary["eval"]["metrics"]
         say(format_table({"before": {k: v["before"] for k, v in m.items()},

@@ -1,0 +1,78 @@
+"""How close training runs to the machine's limit: model FLOPs utilisation (MFU).
+
+MFU = (FLOPs the model needs for the tokens it processed) / seconds / (the machine's measured
+matrix-multiply peak in the training dtype). Counting the model's FLOPs rather than the
+kernels' makes padding, recomputation and idle time show up as lost utilisation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def native_bf16(device: torch.device | None = None) -> bool:
+    """Does this hardware run bf16 matmuls natively (CUDA Ampere+, or AVX-512 BF16/AMX CPUs)?"""
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
+                      seconds: float = 1.0) -> float:
+    """Best FLOP/s of an n x n matmul on `device` in `dtype`, measured over ~`seconds`."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):  # warm-up (kernel selection, caches)
+        a @ b
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def matmul_parameters(model: nn.Module) -> int:
+    """Weights that take part in matrix multiplies: every linear layer but LoRA's (token
+    embeddings are lookups and cost no FLOPs)."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and "lora_" not in name:
+            total += module.in_features * module.out_features
+    return total
+
+
+def flops_per_token(model: nn.Module, config: Any, full: bool, mean_length: float) -> float:
+    """Forward + backward FLOPs per token. Forward: 2 per matmul weight, plus attention's
+    4 * layers * hidden * length. Backward: twice the forward for full fine-tuning (gradients
+    for inputs and weights), once under LoRA/QLoRA (frozen weights need input gradients only)."""
+    forward = 2 * matmul_parameters(model)
+    layers = getattr(config, "num_hidden_layers", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    forward += 4 * layers * hidden * mean_length
+    return forward * (3 if full else 2)
+
+
+def utilisation(model: nn.Module, config: Any, full: bool, tokens: int, sequences: int,
+                seconds: float, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """The summary report's `throughput` section."""
+    achieved = flops_per_token(model, config, full, tokens / max(sequences, 1)) * tokens / seconds
+    peak = matmul_peak_flops(device, dtype)
+    return {"achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12,
+            "mfu": achieved / peak, "peak_dtype": str(dtype).replace("torch.", "")}
