@@ -45,6 +45,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup_proportion", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit_train", type=int, default=0, help="use only the first N rows")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="both trainers autocast to bf16, or neither")
     p.add_argument("--workdir", default=None)
     p.add_argument("--output_json", default=None)
     return p.parse_args(argv)
@@ -57,11 +59,17 @@ def run_embedrag(args: argparse.Namespace, out: str) -> tuple[str, float]:
            "--epochs", str(args.epochs), "--neg_nums", "1", "--temperature", str(args.temperature),
            "--query_max_len", str(args.max_len), "--passage_max_len", str(args.max_len),
            "--warmup_proportion", str(args.warmup_proportion), "--seed", str(args.seed),
-           "--save_on_epoch_end", "0", "--logging_steps", "10"]
+           "--save_on_epoch_end", "0", "--logging_steps", "10",
+           "--mixed_precision", "bf16" if args.precision == "bf16" else "no"]
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     with open(os.path.join(out, "training_summary_report.json"), encoding="utf-8") as f:
-        seconds = json.load(f)["totals"]["seconds"]  # the training loop, as trainer.train() below
-    return os.path.join(out, "final"), seconds
+        report = json.load(f)
+    ours = {"train_seconds": report["totals"]["seconds"],  # the loop, as trainer.train() below
+            "tokens_per_second": report["totals"]["tokens_per_second"],
+            "padding_share": report["totals"]["padding_share"],
+            "peak_rss_mib": report["peak_memory"].get("peak_rss_mib"),
+            "mfu": report["throughput"]["mfu"]}
+    return os.path.join(out, "final"), ours
 
 
 def run_sentence_transformers(args: argparse.Namespace, out: str) -> tuple[str, float]:
@@ -87,15 +95,18 @@ def run_sentence_transformers(args: argparse.Namespace, out: str) -> tuple[str, 
         output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, num_train_epochs=args.epochs, warmup_ratio=args.warmup_proportion,
         seed=args.seed, save_strategy="no", report_to="none", logging_steps=10,
-        dataloader_drop_last=False, use_cpu=True)
+        dataloader_drop_last=False, use_cpu=True, bf16=args.precision == "bf16")
     trainer = SentenceTransformerTrainer(model=model, args=targs, loss=loss,
                                          train_dataset=Dataset.from_dict(triplets))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    import resource  # this process ran nothing bigger before: its high-water mark is ST's
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     final = os.path.join(out, "final")
     model.save(final)
-    return final, seconds
+    return final, {"train_seconds": seconds, "peak_rss_mib": peak}
 
 
 def score(model_dir: str, args: argparse.Namespace) -> dict[str, float]:
@@ -123,28 +134,33 @@ def compare(args: argparse.Namespace) -> dict:
         with open(args.train, "w", encoding="utf-8") as f:
             f.writelines(lines)
     n_rows = len(lines)
-    ours_dir, ours_s = run_embedrag(args, os.path.join(work, "embedrag"))
-    peer_dir, peer_s = run_sentence_transformers(args, os.path.join(work, "st"))
+    ours_dir, ours = run_embedrag(args, os.path.join(work, "embedrag"))
+    peer_dir, peer = run_sentence_transformers(args, os.path.join(work, "st"))
     samples = n_rows * args.epochs
     result = {
         "base": score(args.model, args),
-        "embedrag": {**score(ours_dir, args), "train_seconds": ours_s,
-                     "samples_per_second": samples / ours_s},
-        "sentence_transformers": {**score(peer_dir, args), "train_seconds": peer_s,
-                                  "samples_per_second": samples / peer_s},
+        "embedrag": {**score(ours_dir, args), **ours,
+                     "samples_per_second": samples / ours["train_seconds"]},
+        "sentence_transformers": {**score(peer_dir, args), **peer,
+                                  "samples_per_second": samples / peer["train_seconds"]},
         "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output_json")},
     }
+    result["speed_ratio"] = (result["embedrag"]["samples_per_second"]
+                             / result["sentence_transformers"]["samples_per_second"])
     return result
 
 
 def print_table(result: dict) -> None:
-    cols = ["ndcg@10", "mrr@10", "recall@1", "recall@10", "train_seconds"]
+    cols = ["ndcg@10", "mrr@10", "recall@1", "recall@10", "train_seconds", "samples_per_second",
+            "tokens_per_second", "padding_share", "peak_rss_mib", "mfu"]
     print(f"{'':24}" + "".join(f"{c:>15}" for c in cols))
     for name in ("base", "embedrag", "sentence_transformers"):
         row = result[name]
-        print(f"{name:24}" + "".join(f"{row[c]:15.4f}" if c in row else f"{'-':>15}"
-                                     for c in cols))
+        print(f"{name:24}" + "".join(f"{row[c]:15.4f}" if row.get(c) is not None
+                                     else f"{'-':>15}" for c in cols))
     base = result["base"]["ndcg@10"]
+    print(f"speed ratio embedrag / sentence-transformers: {result['speed_ratio']:.2f}x "
+          f"(precision: {result['settings']['precision']})")
     print(f"nDCG@10 lift: embedrag {result['embedrag']['ndcg@10'] - base:+.4f}, "
           f"sentence-transformers {result['sentence_transformers']['ndcg@10'] - base:+.4f}")
 

@@ -335,6 +335,8 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
             # Counted on the device; read back only when logging (no per-step host sync).
             tokens_seen += batch["query_attention_mask"].sum()
             tokens_seen += batch["passage_attention_mask"].sum()
+            st["slots"] = st.get("slots", 0) + world * (batch["query_input_ids"].numel()
+                                                        + batch["passage_input_ids"].numel())
             window_loss += loss.detach()
             epoch_loss += loss.detach()
             st["window_micro"] += 1
@@ -394,6 +396,7 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
         "embedding": {k: v for k, v in train_config.items() if k != "train_args"},
         "world_size": world,
         "totals": {"steps": step, "samples": samples, "tokens": tokens, "seconds": seconds,
+                   "padding_share": 1 - tokens / max(st.get("slots", 0), 1),
                    "samples_per_second": samples / seconds, "tokens_per_second": tokens / seconds},
         "final_loss": last_loss,
         "rows_with_topped_up_negatives": data.short_rows,
