@@ -1,0 +1,137 @@
+"""Hard-negative mining with false-negative filtering.
+
+For each query, rank a corpus with an embedding model (any model train.py accepts, or a
+training output) or with BM25, take the candidates in a rank window (skipping the very top,
+where unlabeled positives live), drop false negatives, and draw the negatives from what is left.
+
+False negatives are what make mined negatives hurt: a passage that does answer the query, but
+is not labeled, pushed away as if it did not. Two filters:
+- text: never a passage equal to one of the query's positives, after folding case and
+  whitespace;
+- score: never a passage scoring within a margin of the query's best positive — above
+  `relative_margin` x that score, or above that score minus `absolute_margin`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from embedrag.data import Example
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+@dataclass
+class MiningReport:
+    rows: int = 0
+    dropped_equal: int = 0      # candidates equal (normalised) to a positive
+    dropped_margin: int = 0     # candidates within the score margin of the positive
+    short_rows: int = 0         # rows that got fewer than neg_nums negatives
+    lines: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.rows} rows; false-negative filter dropped {self.dropped_equal} "
+                f"candidates equal to a positive and {self.dropped_margin} within the score "
+                f"margin; {self.short_rows} rows got fewer negatives than asked")
+
+
+def bm25_tokens(text: str) -> list[str]:
+    """Lower-case words, plus character bigrams of CJK runs (which have no spaces)."""
+    tokens = []
+    for piece in re.findall(r"[\u3400-\u9fff\uf900-\ufaff]+|\w+", text.casefold()):
+        if re.match(r"[\u3400-\u9fff\uf900-\ufaff]", piece):
+            tokens += [piece[i:i + 2] for i in range(max(len(piece) - 1, 1))]
+        else:
+            tokens.append(piece)
+    return tokens
+
+
+def bm25_scores(queries: list[str], corpus: list[str]) -> torch.Tensor:
+    """(Q, C) BM25 scores (rank_bm25's Okapi BM25)."""
+    from rank_bm25 import BM25Okapi
+
+    index = BM25Okapi([bm25_tokens(t) or ["<empty>"] for t in corpus])
+    return torch.tensor([index.get_scores(bm25_tokens(q)) for q in queries],
+                        dtype=torch.float32)
+
+
+def embedding_ranker(model_path: str, pooling: str | None, batch_size: int,
+                     trust_remote_code: bool = False) -> Any:
+    """A function (queries, corpus) -> (Q, C) cosine scores with the model, embedding as
+    training does (its pooling, instruction, lengths and EOS)."""
+    from embedrag.modeling import load_embedder
+
+    model, tokenizer, settings = load_embedder(model_path, trust_remote_code=trust_remote_code)
+    if pooling:
+        settings.pooling = model.pooling = pooling
+
+    def scores(queries: list[str], corpus: list[str]) -> torch.Tensor:
+        p = model.encode(tokenizer, corpus, max_len=settings.passage_max_len,
+                         append_eos=settings.append_eos, batch_size=batch_size,
+                         progress="corpus")                                    # (C, D)
+        q = model.encode(tokenizer, queries, max_len=settings.query_max_len,
+                         append_eos=settings.append_eos, batch_size=batch_size,
+                         instruction=settings.query_instruction, progress="queries")
+        return q @ p.T                                                         # (Q, C)
+
+    return scores
+
+
+def top_candidates(scores: torch.Tensor, depth: int, chunk: int = 1024,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best `depth` corpus indices and scores per query, a chunk of queries at a time.
+    scores: (Q, C) -> indices, values (Q, min(depth, C))."""
+    depth = min(depth, scores.shape[1])
+    idx, val = [], []
+    for start in range(0, scores.shape[0], chunk):
+        v, i = torch.topk(scores[start:start + chunk], depth, dim=1)
+        idx.append(i)
+        val.append(v)
+    return torch.cat(idx), torch.cat(val)
+
+
+def mine(examples: list[Example], corpus: list[str], scores: torch.Tensor, *, neg_nums: int,
+         rank_start: int, rank_end: int, relative_margin: float, absolute_margin: float,
+         keep_existing: bool, seed: int) -> tuple[list[dict[str, Any]], MiningReport]:
+    """Rows in the training format with `neg` filled; `scores` is (Q, C) for examples x corpus.
+
+    Ranks are 1-based and inclusive: rank_start 10, rank_end 100 draws from the 10th to the
+    100th best candidate (positives included when counting ranks, as a searcher sees them).
+    """
+    index = {normalise(t): i for i, t in enumerate(corpus)}
+    ranked, ranked_scores = top_candidates(scores, rank_end)
+    report = MiningReport(rows=len(examples))
+    rows = []
+    for qi, ex in enumerate(examples):
+        positives = {normalise(p) for p in ex.pos}
+        pos_ids = [index[n] for n in positives if n in index]
+        best_pos = max((scores[qi, i].item() for i in pos_ids), default=None)
+        pool = []
+        for rank, (ci, score) in enumerate(zip(ranked[qi].tolist(), ranked_scores[qi].tolist(),
+                                               strict=True), start=1):
+            if normalise(corpus[ci]) in positives:
+                if rank >= rank_start:
+                    report.dropped_equal += 1
+                continue
+            if rank < rank_start:
+                continue
+            if best_pos is not None and (score > best_pos - absolute_margin
+                                         or score > relative_margin * best_pos):
+                report.dropped_margin += 1
+                continue
+            pool.append(corpus[ci])
+        rng = random.Random(f"{seed}:{qi}:{ex.query}")
+        kept = [n for n in ex.neg if normalise(n) not in positives] if keep_existing else []
+        fresh = [p for p in pool if p not in kept]
+        negs = kept + rng.sample(fresh, min(neg_nums, len(fresh)))
+        if len(negs) - len(kept) < neg_nums:
+            report.short_rows += 1
+        rows.append({"query": ex.query, "pos": ex.pos, "neg": negs})
+    return rows, report
