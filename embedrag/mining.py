@@ -31,7 +31,7 @@ def normalise(text: str) -> str:
 @dataclass
 class MiningReport:
     rows: int = 0
-    dropped_equal: int = 0      # candidates equal (normalised) to a positive
+    dropped_equal: int = 0      # candidates equal to a positive once case/space are folded
     dropped_margin: int = 0     # candidates within the score margin of the positive
     short_rows: int = 0         # rows that got fewer than neg_nums negatives
     lines: list[str] = field(default_factory=list)
@@ -58,8 +58,10 @@ def bm25_scores(queries: list[str], corpus: list[str]) -> torch.Tensor:
     from rank_bm25 import BM25Okapi
 
     index = BM25Okapi([bm25_tokens(t) or ["<empty>"] for t in corpus])
-    return torch.tensor([index.get_scores(bm25_tokens(q)) for q in queries],
-                        dtype=torch.float32)
+    import numpy as np
+
+    return torch.from_numpy(np.stack([index.get_scores(bm25_tokens(q)) for q in queries])
+                            ).float()
 
 
 def embedding_ranker(model_path: str, pooling: str | None, batch_size: int,
@@ -117,7 +119,7 @@ def mine(examples: list[Example], corpus: list[str], scores: torch.Tensor, *, ne
         for rank, (ci, score) in enumerate(zip(ranked[qi].tolist(), ranked_scores[qi].tolist(),
                                                strict=True), start=1):
             if normalise(corpus[ci]) in positives:
-                if rank >= rank_start:
+                if rank >= rank_start and corpus[ci] not in ex.pos:  # a re-typed positive
                     report.dropped_equal += 1
                 continue
             if rank < rank_start:

@@ -1,0 +1,108 @@
+"""mine_negatives.py: false negatives never mined, margins filter near-duplicates, seeded."""
+
+import json
+
+import pytest
+
+import mine_negatives as mine_script
+from embedrag.data import Example, read_jsonl
+from embedrag.mining import bm25_tokens, mine, normalise
+from tests.conftest import learnable_rows, write_jsonl
+
+pytest.importorskip("rank_bm25")
+
+TOPICS = ["apple pie recipe with cinnamon", "river fishing in spring", "zebra stripes explained",
+          "tiger habitat in asia", "violet flowers in the garden", "walnut bread baking",
+          "quartz crystal formation", "harbor boats at night", "jungle trek safety",
+          "kettle descaling with vinegar", "lemon tart baking tips", "marble floor cleaning"]
+
+
+def _pairs(tmp_path):
+    rows = [{"query": t.split(" ", 2)[0] + " " + t.split(" ", 2)[1], "pos": [t]} for t in TOPICS]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+def test_bm25_tokens_split_words_and_han_bigrams():
+    assert bm25_tokens("Copy FILES 複製檔案") == ["copy", "files", "複製", "製檔", "檔案"]
+
+
+def test_no_negative_is_a_positive_and_margin_drops_a_near_duplicate(tmp_path, capsys):
+    pairs = _pairs(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    planted_equal = "APPLE   pie Recipe with cinnamon"          # the positive, re-typed
+    near_duplicate = "Apple-pie recipe (with cinnamon)."        # same words, other text
+    corpus.write_text("\n".join(TOPICS + [planted_equal, near_duplicate]) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["--input", pairs, "--output", str(out), "--corpus", str(corpus), "--bm25",
+            "--neg_nums", "3", "--rank_start", "1", "--rank_end", "14", "--seed", "1"]
+    assert mine_script.main(args) == 0
+    report = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        positives = {normalise(p) for p in row["pos"]}
+        assert len(row["neg"]) == 3
+        assert not positives & {normalise(n) for n in row["neg"]}
+    apple = next(r for r in rows if r["pos"][0].startswith("apple"))
+    assert near_duplicate not in apple["neg"] and planted_equal not in apple["neg"]
+    assert "dropped 1 candidates equal to a positive" in report
+    assert "and 1 within the score margin" in report  # the near-duplicate
+    # without the margin the near-duplicate is a candidate (it is what the filter removed)
+    examples = read_jsonl(pairs)
+    from embedrag.mining import bm25_scores
+
+    texts = corpus.read_text().splitlines()
+    scores = bm25_scores([e.query for e in examples], texts)
+    loose, _ = mine(examples, texts, scores, neg_nums=13, rank_start=1, rank_end=14,
+                    relative_margin=100.0, absolute_margin=-1e9, keep_existing=False, seed=1)
+    assert near_duplicate in next(r for r in loose if r["pos"][0].startswith("apple"))["neg"]
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    pairs = _pairs(tmp_path)
+    outs = []
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        out = tmp_path / f"{name}.jsonl"
+        assert mine_script.main(["--input", pairs, "--output", str(out), "--bm25",
+                                 "--neg_nums", "2", "--rank_start", "2", "--rank_end", "12",
+                                 "--seed", seed]) == 0
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_mined_rows_validate_and_train(tiny_decoder, tmp_path):
+    from tests.test_trainer import run_train
+
+    rows = [{"query": r["query"], "pos": r["pos"]} for r in learnable_rows(12)]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "mined.jsonl"
+    assert mine_script.main(["--input", pairs, "--output", str(out), "--model_name_or_path",
+                             tiny_decoder, "--neg_nums", "2", "--rank_start", "2",
+                             "--rank_end", "8", "--relative_margin", "10",
+                             "--absolute_margin", "-10"]) == 0  # a random model: no margins
+    mined = read_jsonl(str(out))
+    assert len(mined) == 12 and all(len(r.neg) == 2 for r in mined)
+    assert run_train(tiny_decoder, str(out), tmp_path / "run", "--finetune_type", "lora",
+                     "--max_steps", "2", "--save_on_epoch_end", "0")[0] == 0
+
+
+def test_keep_existing_and_refusals(tmp_path, capsys):
+    rows = [{"query": t.split(" ")[0], "pos": [t], "neg": ["own negative"]} for t in TOPICS]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert mine_script.main(["--input", pairs, "--output", str(out), "--bm25", "--neg_nums",
+                             "1", "--rank_start", "2", "--keep_existing"]) == 0
+    assert all(r.neg[0] == "own negative" and len(r.neg) == 2 for r in read_jsonl(str(out)))
+    assert mine_script.main(["--input", pairs, "--output", str(out), "--bm25"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert mine_script.main(["--input", pairs, "--output", str(tmp_path / "x"), "--bm25",
+                             "--model_name_or_path", "m"]) == 2
+
+
+def test_mine_reports_rows_short_of_candidates():
+    examples = [Example("q", ["a"], [], 1), Example("r", ["b"], [], 2)]
+    import torch
+
+    rows, report = mine(examples, ["a", "b"], torch.tensor([[1.0, 0.5], [0.5, 1.0]]),
+                        neg_nums=3, rank_start=1, rank_end=10, relative_margin=0.95,
+                        absolute_margin=0.0, keep_existing=False, seed=0)
+    assert [r["neg"] for r in rows] == [["b"], ["a"]] and report.short_rows == 2
