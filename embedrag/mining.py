@@ -74,66 +74,80 @@ def embedding_ranker(model_path: str, pooling: str | None, batch_size: int,
     if pooling:
         settings.pooling = model.pooling = pooling
 
-    def scores(queries: list[str], corpus: list[str]) -> torch.Tensor:
+    def scores(queries: list[str], corpus: list[str]) -> ChunkedScores:
         p = model.encode(tokenizer, corpus, max_len=settings.passage_max_len,
                          append_eos=settings.append_eos, batch_size=batch_size,
                          progress="corpus")                                    # (C, D)
         q = model.encode(tokenizer, queries, max_len=settings.query_max_len,
                          append_eos=settings.append_eos, batch_size=batch_size,
                          instruction=settings.query_instruction, progress="queries")
-        return q @ p.T                                                         # (Q, C)
+        return ChunkedScores(q, p)
 
     return scores
 
 
-def top_candidates(scores: torch.Tensor, depth: int, chunk: int = 1024,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best `depth` corpus indices and scores per query, a chunk of queries at a time.
-    scores: (Q, C) -> indices, values (Q, min(depth, C))."""
-    depth = min(depth, scores.shape[1])
-    idx, val = [], []
-    for start in range(0, scores.shape[0], chunk):
-        v, i = torch.topk(scores[start:start + chunk], depth, dim=1)
-        idx.append(i)
-        val.append(v)
-    return torch.cat(idx), torch.cat(val)
+class ChunkedScores:
+    """Cosine scores q @ p.T computed a block of queries at a time, so that memory holds one
+    (block, C) slice, never the whole (Q, C) matrix."""
+
+    def __init__(self, q: torch.Tensor, p: torch.Tensor):
+        self.q, self.p = q, p
+        self.shape = (q.shape[0], p.shape[0])
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.q[rows] @ self.p.T
 
 
-def mine(examples: list[Example], corpus: list[str], scores: torch.Tensor, *, neg_nums: int,
+def mine(examples: list[Example], corpus: list[str], scores: Any, *, neg_nums: int,
          rank_start: int, rank_end: int, relative_margin: float, absolute_margin: float,
          keep_existing: bool, seed: int) -> tuple[list[dict[str, Any]], MiningReport]:
-    """Rows in the training format with `neg` filled; `scores` is (Q, C) for examples x corpus.
+    """Rows in the training format with `neg` filled. `scores` is (Q, C) for examples x
+    corpus: a tensor, or anything sliced by rows like ChunkedScores; it is read 1,024 queries
+    at a time.
 
     Ranks are 1-based and inclusive: rank_start 10, rank_end 100 draws from the 10th to the
     100th best candidate (positives included when counting ranks, as a searcher sees them).
     """
     index = {normalise(t): i for i, t in enumerate(corpus)}
-    ranked, ranked_scores = top_candidates(scores, rank_end)
+    depth = min(rank_end, len(corpus))
     report = MiningReport(rows=len(examples))
-    rows = []
-    for qi, ex in enumerate(examples):
-        positives = {normalise(p) for p in ex.pos}
-        pos_ids = [index[n] for n in positives if n in index]
-        best_pos = max((scores[qi, i].item() for i in pos_ids), default=None)
-        pool = []
-        for rank, (ci, score) in enumerate(zip(ranked[qi].tolist(), ranked_scores[qi].tolist(),
-                                               strict=True), start=1):
-            if normalise(corpus[ci]) in positives:
-                if rank >= rank_start and corpus[ci] not in ex.pos:  # a re-typed positive
-                    report.dropped_equal += 1
-                continue
-            if rank < rank_start:
-                continue
-            if best_pos is not None and (score > best_pos - absolute_margin
-                                         or score > relative_margin * best_pos):
-                report.dropped_margin += 1
-                continue
-            pool.append(corpus[ci])
-        rng = random.Random(f"{seed}:{qi}:{ex.query}")
-        kept = [n for n in ex.neg if normalise(n) not in positives] if keep_existing else []
-        fresh = [p for p in pool if p not in kept]
-        negs = kept + rng.sample(fresh, min(neg_nums, len(fresh)))
-        if len(negs) - len(kept) < neg_nums:
-            report.short_rows += 1
-        rows.append({"query": ex.query, "pos": ex.pos, "neg": negs})
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(examples), 1024):
+        block = scores[start:start + 1024]                                     # (n, C)
+        top_scores, top_ids = torch.topk(block, depth, dim=1)                  # (n, depth)
+        for j, ex in enumerate(examples[start:start + 1024]):
+            rows.append(_mine_row(start + j, ex, corpus, index, block[j], top_ids[j].tolist(),
+                                  top_scores[j].tolist(), report, neg_nums=neg_nums,
+                                  rank_start=rank_start, relative_margin=relative_margin,
+                                  absolute_margin=absolute_margin,
+                                  keep_existing=keep_existing, seed=seed))
     return rows, report
+
+
+def _mine_row(qi: int, ex: Example, corpus: list[str], index: dict[str, int],
+              row_scores: torch.Tensor, ranked: list[int], ranked_scores: list[float],
+              report: MiningReport, *, neg_nums: int, rank_start: int, relative_margin: float,
+              absolute_margin: float, keep_existing: bool, seed: int) -> dict[str, Any]:
+    positives = {normalise(p) for p in ex.pos}
+    pos_ids = [index[n] for n in positives if n in index]
+    best_pos = max((row_scores[i].item() for i in pos_ids), default=None)
+    pool = []
+    for rank, (ci, score) in enumerate(zip(ranked, ranked_scores, strict=True), start=1):
+        if normalise(corpus[ci]) in positives:
+            if rank >= rank_start and corpus[ci] not in ex.pos:  # a re-typed positive
+                report.dropped_equal += 1
+            continue
+        if rank < rank_start:
+            continue
+        if best_pos is not None and (score > best_pos - absolute_margin
+                                     or score > relative_margin * best_pos):
+            report.dropped_margin += 1
+            continue
+        pool.append(corpus[ci])
+    rng = random.Random(f"{seed}:{qi}:{ex.query}")
+    kept = [n for n in ex.neg if normalise(n) not in positives] if keep_existing else []
+    fresh = [p for p in pool if p not in kept]
+    negs = kept + rng.sample(fresh, min(neg_nums, len(fresh)))
+    if len(negs) - len(kept) < neg_nums:
+        report.short_rows += 1
+    return {"query": ex.query, "pos": ex.pos, "neg": negs}
