@@ -228,3 +228,15 @@ def test_resume_refuses_a_different_job(tiny_decoder, learnable_data, tmp_path):
     done = subprocess.run(_cmd(tiny_decoder, other, out, "lora", "--resume_from_checkpoint",
                                "latest"), cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 2 and "cannot resume with different settings" in done.stderr
+
+
+def test_save_total_limit_keeps_the_newest_step_checkpoints(tiny_decoder, learnable_data,
+                                                             tmp_path):
+    out = tmp_path / "o"
+    assert run_train(tiny_decoder, learnable_data, out, "--finetune_type", "lora",
+                     "--save_steps", "2", "--save_total_limit", "2",
+                     "--save_on_epoch_end", "0")[0] == 0
+    assert sorted(p.name for p in out.glob("checkpoint-step-*")) == [
+        "checkpoint-step-10", "checkpoint-step-12"]
+    state = json.loads((out / "checkpoint-step-12" / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 12 and state["state"]["samples"] == 48
