@@ -45,6 +45,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup_proportion", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit_train", type=int, default=0, help="use only the first N rows")
+    p.add_argument("--attention_dropout", type=float, default=-1.0,
+                   help="EmbedRAG's --attention_dropout (-1: the model's own, as ST uses)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="both trainers autocast to bf16, or neither")
     p.add_argument("--workdir", default=None)
@@ -60,7 +62,8 @@ def run_embedrag(args: argparse.Namespace, out: str) -> tuple[str, float]:
            "--query_max_len", str(args.max_len), "--passage_max_len", str(args.max_len),
            "--warmup_proportion", str(args.warmup_proportion), "--seed", str(args.seed),
            "--save_on_epoch_end", "0", "--logging_steps", "10",
-           "--mixed_precision", "bf16" if args.precision == "bf16" else "no"]
+           "--mixed_precision", "bf16" if args.precision == "bf16" else "no",
+           "--attention_dropout", str(args.attention_dropout)]
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     with open(os.path.join(out, "training_summary_report.json"), encoding="utf-8") as f:
         report = json.load(f)

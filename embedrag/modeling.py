@@ -209,6 +209,17 @@ def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         # Quantized weights are placed at load time, on this process's own device.
         kwargs["device_map"] = {"": quantized_device(device)}
+    if cfg.attention_dropout >= 0:
+        # Dropout on attention probabilities keeps CPUs and GPUs off their fused attention
+        # kernels and draws a (batch, heads, length, length) random mask per layer.
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.model_name_or_path,
+                                            trust_remote_code=cfg.trust_remote_code)
+        for name in ("attention_probs_dropout_prob", "attention_dropout"):
+            if hasattr(config, name):
+                setattr(config, name, cfg.attention_dropout)
+        kwargs["config"] = config
     model = AutoModel.from_pretrained(cfg.model_name_or_path, **kwargs)
     info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", "")}
     if cfg.finetune_type == "full":

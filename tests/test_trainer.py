@@ -280,3 +280,14 @@ def test_quantized_weights_go_to_this_process_gpu(monkeypatch):
     assert quantized_device(torch.device("cuda")) == 3
     assert quantized_device(torch.device("cuda", 1)) == 1
     assert quantized_device(torch.device("cpu")) == "cpu"
+
+
+def test_attention_dropout_flag_sets_the_models_config(tiny_encoder, learnable_data, tmp_path):
+    args = ["--finetune_type", "full", "--pooling", "mean", "--max_steps", "1",
+            "--save_on_epoch_end", "0"]
+    _, _, kept = run_train(tiny_encoder, learnable_data, tmp_path / "a", *args)
+    assert kept.backbone.config.attention_probs_dropout_prob == 0.1  # BERT's own
+    _, _, off = run_train(tiny_encoder, learnable_data, tmp_path / "b", *args,
+                          "--attention_dropout", "0")
+    assert off.backbone.config.attention_probs_dropout_prob == 0.0
+    assert off.backbone.config.hidden_dropout_prob == 0.1  # other dropout untouched
