@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedrag import __version__
+
 FINETUNE_TYPES = ("lora", "qlora", "full")
 POOLINGS = ("last", "mean", "cls")
 MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
@@ -230,3 +232,28 @@ def read_json(path: str) -> Any:
 def read_training_config(model_dir: str) -> dict[str, Any] | None:
     """The training_config.json of a training output folder, or None for a plain model."""
     return read_json(os.path.join(model_dir, "training_config.json"))
+
+
+def embedding_config(cfg: TrainConfig, tokenizer: Any, append_eos: bool,
+                     info: dict[str, Any]) -> dict[str, Any]:
+    """training_config.json: all that merge/evaluate need to embed exactly as training did."""
+    base = cfg.model_name_or_path
+    return {
+        "embedrag_version": __version__,
+        "base_model": os.path.abspath(base) if os.path.isdir(base) else base,
+        "finetune_type": cfg.finetune_type,
+        "quantization_bits": cfg.quantization_bits if cfg.finetune_type == "qlora" else None,
+        "pooling": cfg.pooling,
+        "normalize": True,
+        "query_instruction": cfg.query_instruction,
+        "passage_instruction": "",
+        "query_max_len": cfg.query_max_len,
+        "passage_max_len": cfg.passage_max_len,
+        "append_eos": append_eos,
+        "eos_token": tokenizer.eos_token,
+        "padding_side": tokenizer.padding_side,
+        "temperature": cfg.temperature,
+        "mixed_precision": cfg.mixed_precision,
+        **info,
+        "train_args": cfg.to_dict(),
+    }

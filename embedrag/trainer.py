@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from embedrag import __version__
 from embedrag.checkpoints import (
     check_output_dir,
     check_resumable,
@@ -22,7 +21,7 @@ from embedrag.checkpoints import (
     save_model,
     save_step_checkpoint,
 )
-from embedrag.config import TrainConfig, write_json
+from embedrag.config import TrainConfig, embedding_config, write_json
 from embedrag.data import Collator, Example, TrainingSet
 from embedrag.evaluation import evaluate, format_table
 from embedrag.logs import RunLogger, peak_memory
@@ -117,31 +116,6 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int,
         return max(total - s, 1) / max(total - warmup, 1)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def embedding_config(cfg: TrainConfig, tokenizer: Any, append_eos: bool,
-                     info: dict[str, Any]) -> dict[str, Any]:
-    """training_config.json: all that merge/evaluate need to embed exactly as training did."""
-    base = cfg.model_name_or_path
-    return {
-        "embedrag_version": __version__,
-        "base_model": os.path.abspath(base) if os.path.isdir(base) else base,
-        "finetune_type": cfg.finetune_type,
-        "quantization_bits": cfg.quantization_bits if cfg.finetune_type == "qlora" else None,
-        "pooling": cfg.pooling,
-        "normalize": True,
-        "query_instruction": cfg.query_instruction,
-        "passage_instruction": "",
-        "query_max_len": cfg.query_max_len,
-        "passage_max_len": cfg.passage_max_len,
-        "append_eos": append_eos,
-        "eos_token": tokenizer.eos_token,
-        "padding_side": tokenizer.padding_side,
-        "temperature": cfg.temperature,
-        "mixed_precision": cfg.mixed_precision,
-        **info,
-        "train_args": cfg.to_dict(),
-    }
 
 
 def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example] | None = None,
