@@ -190,23 +190,33 @@ def max_model_length(path: str, tokenizer: Any, trust_remote_code: bool = False)
     return min(limits) if limits else None
 
 
+def autocast_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype --mixed_precision computes in (float32 for "no")."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype) -> Any:
+    """QLoRA's bitsandbytes settings: 4-bit NF4 with double quantization, or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
-    from transformers import AutoModel, BitsAndBytesConfig
+    from transformers import AutoModel
 
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision,
-                                                                         torch.float32)
+    compute_dtype = autocast_dtype(cfg.mixed_precision)
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     # The frozen base of lora/qlora may sit in the autocast dtype; trained weights stay fp32.
     base_dtype = torch.float32 if cfg.finetune_type == "full" else compute_dtype
     kwargs["dtype"] = base_dtype
     if cfg.finetune_type == "qlora":
-        if cfg.quantization_bits == 4:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=compute_dtype)
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = quantization_config(cfg.quantization_bits, compute_dtype)
         # Quantized weights are placed at load time, on this process's own device.
         kwargs["device_map"] = {"": quantized_device(device)}
     if cfg.attention_dropout >= 0:
@@ -272,12 +282,8 @@ def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str 
 
         base_path = (config or {}).get("base_model") or adapter["base_model_name_or_path"]
         if (config or {}).get("finetune_type") == "qlora":
-            from transformers import BitsAndBytesConfig
-
-            bits = config["quantization_bits"]
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+            kwargs["quantization_config"] = quantization_config(config["quantization_bits"],
+                                                                dtype)
             kwargs["device_map"] = {"": quantized_device(torch.device(device))}
         backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(base_path, **kwargs), path)
     else:

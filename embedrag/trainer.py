@@ -29,6 +29,7 @@ from embedrag.loss import embedding_loss, grad_cache_step
 from embedrag.modeling import (
     EmbeddingModel,
     EmbedSettings,
+    autocast_dtype,
     count_parameters,
     load_backbone,
     load_tokenizer,
@@ -176,8 +177,10 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
     train_config = embedding_config(cfg, tokenizer, append_eos, info)
     world = accelerator.num_processes
-    if (cfg.save_steps or cfg.resume_from_checkpoint) and accelerator.distributed_type in (
-            DistributedType.DEEPSPEED, DistributedType.FSDP):
+    # Sharded weights (DeepSpeed, FSDP): every process takes part in each forward pass, and
+    # the optimizer state is not whole on any one of them.
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if (cfg.save_steps or cfg.resume_from_checkpoint) and sharded:
         raise LaunchError("--save_steps and --resume_from_checkpoint support one process and "
                           "DDP (accelerate launch --multi_gpu); DeepSpeed and FSDP shard the "
                           "optimizer state, so use their own checkpointing there")
@@ -186,6 +189,7 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     st: dict[str, Any] = {"step": 0, "epoch": 1, "micro": 0, "samples": 0, "tokens": 0,
                           "epoch_loss": 0.0, "epoch_micro": 0, "window_loss": 0.0,
                           "window_micro": 0, "window_samples": 0, "last_loss": float("nan"),
+                          "slots": 0,  # token positions incl. padding, for the padding share
                           "evals": {"before": None, "per_epoch": []}, "elapsed_s": 0.0}
     rng = None
     if resume_from:
@@ -204,9 +208,6 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
         f"{len(data.passages)} passages | {world} process(es) x batch {cfg.batch_size} x accum "
         f"{accum} | {total_steps} steps ({warmup_steps} warmup) | "
         f"trainable {trainable:,} of {total:,} params | append_eos={append_eos}")
-
-    # Sharded weights (DeepSpeed, FSDP) need every process in each forward pass.
-    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
     def run_eval(step: int) -> dict[str, float] | None:
         """Retrieval metrics on --eval_dataset: on the main process while the others wait, or
@@ -309,8 +310,8 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
             # Counted on the device; read back only when logging (no per-step host sync).
             tokens_seen += batch["query_attention_mask"].sum()
             tokens_seen += batch["passage_attention_mask"].sum()
-            st["slots"] = st.get("slots", 0) + world * (batch["query_input_ids"].numel()
-                                                        + batch["passage_input_ids"].numel())
+            st["slots"] += world * (batch["query_input_ids"].numel()
+                                    + batch["passage_input_ids"].numel())
             window_loss += loss.detach()
             epoch_loss += loss.detach()
             st["window_micro"] += 1
@@ -370,7 +371,7 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
         "embedding": {k: v for k, v in train_config.items() if k != "train_args"},
         "world_size": world,
         "totals": {"steps": step, "samples": samples, "tokens": tokens, "seconds": seconds,
-                   "padding_share": 1 - tokens / max(st.get("slots", 0), 1),
+                   "padding_share": 1 - tokens / max(st["slots"], 1),
                    "samples_per_second": samples / seconds, "tokens_per_second": tokens / seconds},
         "final_loss": last_loss,
         "rows_with_topped_up_negatives": data.short_rows,
@@ -381,8 +382,7 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
             accelerator.unwrap_model(model).backbone, accelerator.unwrap_model(model).backbone
             .config, cfg.finetune_type == "full", tokens,
             samples * (1 + cfg.neg_nums) + samples, seconds, accelerator.device,
-            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision,
-                                                                 torch.float32)) if main else {},
+            autocast_dtype(cfg.mixed_precision)) if main else {},
         **eval_summary(evals, cfg.eval_dataset),
     }
     if main:
