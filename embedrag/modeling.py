@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedrag import kernels
 from embedrag.config import read_json
 from embedrag.data import pad, tokenize
 
@@ -236,7 +237,7 @@ def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, 
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model, info
+        return model, {**info, **kernels.install(model, device)}
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -254,7 +255,7 @@ def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, 
                       target_modules=targets, exclude_modules=excluded or None, bias="none")
     model = get_peft_model(model, lora)
     info.update(lora_target_modules=targets, lora_excluded_modules=excluded)
-    return model, info
+    return model, {**info, **kernels.install(model, device)}
 
 
 def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,

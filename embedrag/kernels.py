@@ -1,0 +1,134 @@
+"""Faster CPU versions of two operations a training step spends its time in.
+
+Profiling a MiniLM step on a 2-core AVX-512 CPU (benchmarks/profile_step.py) showed:
+
+- Dropout masks: `torch.bernoulli_` draws each element from the Mersenne Twister at ~5 ns;
+  with BERT's 0.1 dropout on attention probabilities (one (B, H, L, L) mask per layer) plus
+  the hidden-state dropouts, mask drawing was 30% of the step. Here masks come from NumPy's
+  SFC64 generator, 64 bits per draw cut into four 16-bit lanes (~1.4 ns per element),
+  seeded from torch's own generator: `torch.manual_seed`, checkpointed RNG state and
+  GradCache's dropout replay keep working, and the keep probability is exact to 1/65536.
+- bf16 attention backward: PyTorch's CPU flash-attention kernel is ~3.5x slower in bf16 than
+  in fp32 (124 vs 37 ms for 32x12x128x32 forward+backward). Under bf16 autocast the
+  attention here runs in fp32 and casts back, which is also the more accurate choice.
+
+Both apply on CPU only: GPUs have fused dropout and fast bf16 attention, so `install` leaves a
+model on any other device as it is. Results are the same computations; only the random
+stream behind the dropout masks differs from torch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ATTENTION = "embedrag_cpu"
+
+
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bernoulli(1 - p) mask of `shape` as 1s and 0s in `dtype`, drawn as described above
+    (a 0/1 float mask multiplies ~3x faster than `torch.where` on a bool mask)."""
+    n = shape.numel()
+    seed = int(torch.empty((), dtype=torch.int64).random_())  # advances torch's generator
+    words = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 3) // 4)
+    lanes = torch.from_numpy(words.view(np.int16)[:n])  # (n,) uniform on [-2**15, 2**15)
+    mask = torch.empty(n, dtype=dtype)
+    torch.ge(lanes, round(p * 65536) - 32768, out=mask)
+    return mask.view(shape)
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`nn.functional.dropout`, with the mask from `keep_mask` on CPU."""
+    if not training or p == 0.0 or x.device.type != "cpu":
+        return nn.functional.dropout(x, p, training)
+    if p == 1.0:
+        return x * 0.0
+    # The scale stays a Python float: 1/(1-p) is not exact in half precision.
+    return (x * keep_mask(x.shape, p, x.dtype)).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """Drop-in for `nn.Dropout` (same `p`, same module type for code that checks it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+
+def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0,
+              scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention for transformers' AttentionInterface: SDPA without dropout (fp32 when the
+    inputs are half precision and will be backpropagated), else softmax attention with the
+    fast dropout mask. query: (B, H, Lq, d); key, value: (B, Hkv, Lk, d); mask: bool
+    (B|1, 1, Lq, Lk), True where attention is allowed. Returns (B, Lq, H, d)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    plain = all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux", "sinks"))
+    if dropout == 0.0 or not plain:
+        dtype = query.dtype
+        if dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
+            query, key, value = query.float(), key.float(), value.float()
+            if attention_mask is not None and attention_mask.is_floating_point():
+                attention_mask = attention_mask.float()
+            with torch.autocast(query.device.type, enabled=False):  # it would cast back
+                out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                                dropout=dropout, scaling=scaling, **kwargs)
+            return out.to(dtype), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+
+    # Everything (B, H, Lq, Lk)-sized is made in fp32 once: no half-precision copies of it.
+    dtype, lq, lk = query.dtype, query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)          # (B, H, Lk, d)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    bias = torch.zeros((), dtype=torch.float32, device=query.device)
+    if attention_mask is not None:
+        # finfo.min, not -inf: a fully masked row (a left-padding query) stays finite
+        bias = (torch.where(attention_mask, 0.0, torch.finfo(torch.float32).min)
+                if attention_mask.dtype == torch.bool else attention_mask.float())
+    elif getattr(module, "is_causal", False) and lq > 1:  # the mask was left to SDPA's flag
+        bias = torch.full((lq, lk), torch.finfo(torch.float32).min,
+                          device=query.device).triu(lk - lq + 1)
+    with torch.autocast(query.device.type, enabled=False):
+        scores = torch.matmul(query.float() * scale, key.float().transpose(2, 3))
+        probs = scores.add_(bias).softmax(-1)                               # (B, H, Lq, Lk)
+        kept = probs * keep_mask(probs.shape, dropout)
+        out = torch.matmul(kept, value.float())                             # (B, H, Lq, d)
+        out = out.mul_(1.0 / (1.0 - dropout))  # the dropout scale, on the small side
+    return out.transpose(1, 2).to(dtype).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def install(model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """Swap in the CPU dropout and attention when `model` will train on `device` = CPU;
+    returns what was changed, for training_config.json's record of the run."""
+    if device.type != "cpu":
+        return {}
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                fast = Dropout(child.p, child.inplace)
+                fast.train(child.training)
+                setattr(parent, name, fast)
+                swapped += 1
+    done: dict[str, Any] = {"cpu_dropout_modules": swapped}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if (config is not None and getattr(config, "_attn_implementation", None) == "sdpa"
+            and getattr(base, "_can_set_attn_implementation", lambda: False)()):
+        _register()
+        base.set_attn_implementation(ATTENTION)
+        done["cpu_attention"] = True
+    return done
