@@ -31,8 +31,10 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-JOBS = {"minilm": {"finetune_type": "full", "pooling": "mean", "lr": 5e-5, "append_eos": False},
-        "gemma": {"finetune_type": "lora", "pooling": "last", "lr": 2e-4, "append_eos": True}}
+JOBS = {"minilm": {"finetune_type": "full", "pooling": "mean", "st_pooling": "mean", "lr": 5e-5,
+                   "append_eos": False},
+        "gemma": {"finetune_type": "lora", "pooling": "last", "st_pooling": "lasttoken",
+                  "lr": 2e-4, "append_eos": True}}
 
 
 def default_model(job: str) -> str:
@@ -128,14 +130,15 @@ def st_worker(args: argparse.Namespace) -> None:
         else torch.float32  # as train.py: a frozen LoRA base sits in the autocast dtype
     word = models.Transformer(args.model, max_seq_length=args.max_len,
                               model_args={"dtype": dtype})
-    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=job["pooling"])
+    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=job["st_pooling"])
     model = SentenceTransformer(modules=[word, pool], device="cpu")
-    if job["finetune_type"] == "lora":
-        from peft import LoraConfig
+    if job["finetune_type"] == "lora":  # PEFT directly: ST's add_adapter wants peft >= 0.22
+        from peft import LoraConfig, get_peft_model
 
-        targets, excluded = find_lora_targets(word.auto_model)
-        model.add_adapter(LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=targets,
-                                     exclude_modules=excluded or None))
+        targets, excluded = find_lora_targets(word.model)
+        word.model = get_peft_model(word.model, LoraConfig(
+            r=8, lora_alpha=32, lora_dropout=0.1, target_modules=targets,
+            exclude_modules=excluded or None))
     eos = word.tokenizer.eos_token if job["append_eos"] else ""
     rng = random.Random(args.seed)
     rows = read_jsonl(args.train)
