@@ -64,7 +64,7 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
               attention_mask: torch.Tensor | None, dropout: float = 0.0,
               scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention for transformers' AttentionInterface: SDPA without dropout (fp32 when the
-    inputs are half precision and will be backpropagated), else softmax attention with the
+    inputs are half precision), else softmax attention with the
     fast dropout mask. query: (B, H, Lq, d); key, value: (B, Hkv, Lk, d); mask: bool
     (B|1, 1, Lq, Lk), True where attention is allowed. Returns (B, Lq, H, d)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -72,7 +72,7 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     plain = all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux", "sinks"))
     if dropout == 0.0 or not plain:
         dtype = query.dtype
-        if dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
+        if dtype in (torch.bfloat16, torch.float16):  # with or without grad: same numbers
             query, key, value = query.float(), key.float(), value.float()
             if attention_mask is not None and attention_mask.is_floating_point():
                 attention_mask = attention_mask.float()
@@ -93,9 +93,11 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         # finfo.min, not -inf: a fully masked row (a left-padding query) stays finite
         bias = (torch.where(attention_mask, 0.0, torch.finfo(torch.float32).min)
                 if attention_mask.dtype == torch.bool else attention_mask.float())
-    elif getattr(module, "is_causal", False) and lq > 1:  # the mask was left to SDPA's flag
-        bias = torch.full((lq, lk), torch.finfo(torch.float32).min,
-                          device=query.device).triu(lk - lq + 1)
+    elif lq > 1 and (kwargs.get("is_causal") if kwargs.get("is_causal") is not None
+                     else getattr(module, "is_causal", True)):
+        # No mask: causality was left to SDPA's flag, read here as transformers' SDPA path
+        # reads it, top-left aligned as torch's is_causal
+        bias = torch.full((lq, lk), torch.finfo(torch.float32).min, device=query.device).triu(1)
     with torch.autocast(query.device.type, enabled=False):
         scores = torch.matmul(query.float() * scale, key.float().transpose(2, 3))
         probs = scores.add_(bias).softmax(-1)                               # (B, H, Lq, Lk)

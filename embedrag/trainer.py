@@ -169,7 +169,9 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     # Sharded weights (DeepSpeed, FSDP): every process takes part in each forward pass, and
     # the optimizer state is not whole on any one of them (nor are fused kernels known to work).
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    optimizer = _optimizer(model, cfg, fused=not sharded)
+    # fp16's GradScaler lets a fused step skip itself, and Accelerate would then not see the
+    # skip (and would step the schedule): fused only without fp16.
+    optimizer = _optimizer(model, cfg, fused=not sharded and cfg.mixed_precision != "fp16")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accum = cfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(loader) / accum)

@@ -146,6 +146,34 @@ def test_causal_without_mask_and_fully_masked_rows():
     assert torch.isfinite(out).all()
 
 
+def test_without_a_mask_causality_is_read_as_sdpa_reads_it():
+    """A module without `is_causal` counts as causal, an `is_causal=False` argument wins."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+
+    class Bare(torch.nn.Module):
+        pass
+
+    for module, kwargs in ((Bare(), {}), (Layer(causal=True), {"is_causal": False}),
+                           (Layer(causal=False), {})):
+        # p = 1e-9 takes the dropout path but keeps every element
+        ours, _ = kernels.attention(module, q, k, v, None, dropout=1e-9, **kwargs)
+        theirs, _ = sdpa_attention_forward(module, q, k, v, None, dropout=0.0, **kwargs)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_half_precision_attention_is_the_same_with_and_without_grad():
+    """GradCache embeds under no_grad, then again with grad: both must see the same numbers."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, 4, 16, 8).bfloat16() for _ in range(3))
+    allowed = padding_mask([16, 9], 16)
+    with torch.no_grad():
+        plain, _ = kernels.attention(Layer(), q, k, v, allowed, dropout=0.0)
+    graded, _ = kernels.attention(Layer(), *(t.requires_grad_() for t in (q, k, v)), allowed,
+                                  dropout=0.0)
+    assert torch.equal(plain, graded.detach())
+
+
 def test_install_on_a_model(tiny_encoder, tmp_path):
     from transformers import AutoModel
 
@@ -172,6 +200,31 @@ def test_install_on_a_model(tiny_encoder, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids, mask).last_hidden_state,
                                    plain(ids, mask).last_hidden_state, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_encoder", "tiny_decoder", "tiny_decoder_left"])
+def test_training_mode_path_through_real_models(fixture, request):
+    """Attention dropout 1e-9 sends every layer down the dropout path while keeping every
+    element: in training mode the model must then give what the plain one gives in eval."""
+    from transformers import AutoModel
+
+    path = request.getfixturevalue(fixture)
+    plain = AutoModel.from_pretrained(path).eval()
+    config = plain.config.to_dict()
+    off = {k: (1e-9 if "attention" in k else 0.0) for k in config if "dropout" in k
+           and isinstance(config[k], float)}
+    fast = AutoModel.from_pretrained(path, **off)
+    assert kernels.install(fast, torch.device("cpu"))["cpu_attention"]
+    fast.train()
+    ids = torch.randint(5, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    if plain.config.model_type == "bert" or "left" not in fixture:
+        mask[1, 7:] = 0
+    else:
+        mask[1, :5] = 0
+    real = mask.bool()
+    torch.testing.assert_close(fast(ids, mask).last_hidden_state[real],
+                               plain(ids, mask).last_hidden_state[real], rtol=1e-4, atol=1e-5)
 
 
 def test_install_reaches_peft_lora_dropout(tiny_decoder):
