@@ -216,9 +216,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Write through a temporary file, so a reader never sees half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)
         f.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 def read_json(path: str) -> Any:

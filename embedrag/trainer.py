@@ -368,6 +368,7 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     tokens = st["tokens"] + int(tokens_seen) * world
 
     save_model(accelerator, model, tokenizer, train_config, os.path.join(cfg.output_dir, "final"))
+    trained = accelerator.unwrap_model(model).backbone
     seconds = st["elapsed_s"] + time.perf_counter() - start
     summary = {
         "config": cfg.to_dict(),
@@ -382,8 +383,7 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
         "total_params": total,
         "peak_memory": peak_memory(accelerator.device),
         "throughput": utilisation(
-            accelerator.unwrap_model(model).backbone, accelerator.unwrap_model(model).backbone
-            .config, cfg.finetune_type == "full", tokens,
+            trained, trained.config, cfg.finetune_type == "full", tokens,
             samples * (1 + cfg.neg_nums) + samples, seconds, accelerator.device,
             autocast_dtype(cfg.mixed_precision)) if main else {},
         **eval_summary(evals, cfg.eval_dataset),
@@ -393,14 +393,11 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
         say(f"done: {step} steps, {samples / seconds:.1f} samples/s, {tokens / seconds:,.0f} "
             f"tokens/s, {t['achieved_tflops'] * 1e3:.1f} GFLOP/s = {t['mfu']:.1%} of this "
             f"machine's {t['peak_dtype']} matmul peak ({t['peak_tflops'] * 1e3:.0f} GFLOP/s)")
-    if main and "eval" in summary:
-        m = summary["eval"]["metrics"]
-        say(format_table({"before": {k: v["before"] for k, v in m.items()},
-                          "after": {k: v["after"] for k, v in m.items()}}))
-    if main:
-        path = os.path.join(cfg.output_dir, "training_summary_report.json")
-        write_json(path + ".tmp", summary)
-        os.replace(path + ".tmp", path)
+        if "eval" in summary:
+            m = summary["eval"]["metrics"]
+            say(format_table({"before": {k: v["before"] for k, v in m.items()},
+                              "after": {k: v["after"] for k, v in m.items()}}))
+        write_json(os.path.join(cfg.output_dir, "training_summary_report.json"), summary)
     logger.close()
     accelerator.end_training()
     return summary, accelerator.unwrap_model(model)
