@@ -4,13 +4,16 @@
     python train.py --model_name_or_path MODEL --train_dataset data.jsonl \
         --output_dir out --batch_size 8 [--finetune_type lora] ...
 
-Also runs under `accelerate launch` and `python -m torch.distributed.run`. `--help` lists every
-flag. Exit codes: 0 done, 2 bad flags, data, model or output folder, 3 stopped on a non-finite
-loss (the last good state is saved as a step checkpoint).
+With several GPUs visible (`CUDA_VISIBLE_DEVICES=0,1 python train.py ...`) it starts one worker
+per GPU itself; `--num_processes N` asks for N on any machine. Also runs under
+`accelerate launch` and `python -m torch.distributed.run`. `--help` lists every flag. Exit codes:
+0 done, 2 bad flags, data, model or output folder, 3 stopped on a non-finite loss (the last
+good state is saved as a step checkpoint).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 
@@ -19,29 +22,39 @@ def main(argv: list[str] | None = None) -> int:
     from embedrag.config import parse_args
     from embedrag.data import DataError, read_jsonl
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
-    try:  # both files checked whole, before any model loads
+    try:  # both files checked whole, before any model loads or any worker starts
         examples = read_jsonl(cfg.train_dataset)
         eval_examples = read_jsonl(cfg.eval_dataset) if cfg.eval_dataset else None
     except DataError as e:
-        for line in str(e).splitlines():
-            print(f"train.py: error: {line}", file=sys.stderr)
-        return 2
+        return fail([f"train.py: error: {line}" for line in str(e).splitlines()], 2)
 
     from embedrag.checkpoints import OutputDirError, check_output_dir
+    from embedrag.launch import run_workers, workers_to_start
     from embedrag.trainer import LaunchError, NonFiniteLossError, train
 
     try:
         check_output_dir(cfg)
+        workers = workers_to_start(cfg.num_processes)
+        if workers > 1:
+            return run_workers(workers, os.path.abspath(__file__), argv)
         train(cfg, examples, eval_examples)
     except (OutputDirError, DataError, LaunchError, OSError, pickle.UnpicklingError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
-        print(f"train.py: error: {lines[0]}", file=sys.stderr)
-        return 2
+        return fail([f"train.py: error: {lines[0]}"], 2)
     except NonFiniteLossError as e:
-        print(f"train.py: stopped: {e}", file=sys.stderr)
-        return 3
+        return fail([f"train.py: stopped: {e}"], 3)
     return 0
+
+
+def fail(lines: list[str], code: int) -> int:
+    """Print why we stop; a worker of a launched run also hands the first line to its launcher."""
+    from embedrag.launch import report_failure
+
+    print("\n".join(lines), file=sys.stderr)
+    report_failure(lines[0], code)
+    return code
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import os
 import random
 import re
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -84,13 +83,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_step_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
                          tokenizer: Any, training_config: dict[str, Any], path: str,
                          state: dict[str, Any], keep: int = 0) -> None:
-    """checkpoint-step-N/: the model as in final/, plus optimizer, scheduler, RNG states and
-    the data position, all committed at once. Keeps the newest `keep` step checkpoints (0: all)."""
+    """checkpoint-step-N/: the model as in final/, plus optimizer, scheduler, every process's
+    RNG states and the data position, all committed at once. Call on every process. Keeps the
+    newest `keep` step checkpoints (0: all)."""
+    from accelerate.utils import gather_object
+
+    rngs = gather_object([rng_state()])  # one per process: their dropout streams differ
 
     def extra(tmp: str) -> None:
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state()}, os.path.join(tmp, TENSORS_FILE))
-        time.sleep(float(os.environ.get("EMBEDRAG_TEST_SAVE_DELAY", "0")))  # tests kill here
+                    "rng": rngs}, os.path.join(tmp, TENSORS_FILE))
         write_json(os.path.join(tmp, STATE_FILE), state)
 
     save_model(accelerator, model, tokenizer, training_config, path, extra)
@@ -126,7 +128,8 @@ def resolve_checkpoint(output_dir: str, spec: str) -> str:
 def load_step_checkpoint(path: str, model: Any, optimizer: Any,
                          scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights, optimizer and scheduler into the (unwrapped) model and the prepared
-    optimizer; return (trainer state, RNG state to restore when the loop resumes)."""
+    optimizer; return (trainer state, RNG states of every process, to restore when the loop
+    resumes)."""
     from safetensors.torch import load_file
 
     backbone = model.backbone
@@ -158,18 +161,31 @@ class OutputDirError(RuntimeError):
     """--output_dir holds an earlier run and the user did not ask to overwrite it."""
 
 
-RESUME_MUST_MATCH = ("model_name_or_path", "train_dataset", "finetune_type", "quantization_bits",
-                     "batch_size", "gradient_accumulation_steps", "neg_nums", "seed", "pooling",
-                     "query_instruction", "query_max_len", "passage_max_len", "lora_r",
-                     "lora_alpha", "lora_target_modules")
+# Flags that leave the math of the remaining steps alone; every other flag must be as it was.
+# --epochs and --max_steps may change too: the run then continues on the schedule of the new
+# total (warm-up and linear decay recomputed for it), which is documented in README.
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "epochs", "max_steps",
+    "save_steps", "save_total_limit", "save_on_epoch_end", "logging_steps", "eval_dataset",
+    "eval_batch_size", "num_workers", "num_processes", "gradient_checkpointing",
+    "grad_cache_chunk_size"})
 
 
-def check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
-    """A resumed run must continue the same job; epochs, max_steps and saving may change."""
-    changed = [f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
-               if saved.get(k) != getattr(cfg, k)]
+def check_resumable(cfg: TrainConfig, saved: dict[str, Any], world_size: int,
+                    saved_world_size: int) -> None:
+    """A resumed run must continue the same job: same data, model, batch composition and
+    math. Memory savers (GradCache, gradient checkpointing), saving, logging and evaluation
+    flags may change, and so may the length of the run."""
+    now = cfg.to_dict()
+    changed = [f"--{k} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if world_size != saved_world_size:
+        changed.append(f"{saved_world_size} -> {world_size} processes (the batch of every "
+                       "step would change)")
     if changed:
-        raise OutputDirError("cannot resume with different settings: " + "; ".join(changed))
+        raise OutputDirError("cannot resume with different settings: " + "; ".join(changed)
+                             + " (they change what the remaining steps compute; start a new "
+                             "run instead)")
 
 
 RUN_FILES = ("final", "runs", "detailed_training_logs.json", "training_losses.json",

@@ -112,6 +112,10 @@ class TrainConfig:
         "GradCache: embed the batch in chunks of this many texts without a graph, then "
         "backpropagate chunk by chunk. Same loss and gradients, memory of one chunk: big "
         "batches (more in-batch negatives) on small GPUs (0 = off).", default=0)
+    num_processes: int = _flag(
+        "Worker processes to train with, one per device, started by train.py itself. 0: one per "
+        "visible CUDA device (1 without a GPU); 1: this process only; N: N workers (on a CPU "
+        "they use gloo). Under accelerate launch or torchrun the launcher decides.", default=0)
     cross_device_negatives: int = _flag(
         "With several processes, score each query against the passages of all of them "
         "(a gather that keeps gradients), as one process with the whole batch would: 1 on, 0 off.",
@@ -178,7 +182,7 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ["neg_nums", "max_steps", "num_workers", "max_grad_norm", "weight_decay",
-                 "save_steps", "save_total_limit", "grad_cache_chunk_size"]:
+                 "save_steps", "save_total_limit", "grad_cache_chunk_size", "num_processes"]:
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.temperature <= 0:
@@ -193,6 +197,10 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
         problems.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.finetune_type != "qlora" and any(a.startswith("--quantization_bits") for a in argv):
         problems.append(f"--quantization_bits applies to qlora only, not {cfg.finetune_type}")
+    from embedrag.launch import check_world_size
+
+    if (problem := check_world_size(cfg.num_processes)) is not None:
+        problems.append(problem)
     for flag in ("train_dataset", "eval_dataset"):
         path = getattr(cfg, flag)
         if (path or flag == "train_dataset") and not os.path.isfile(path):

@@ -186,6 +186,31 @@ class TrainingSet(torch.utils.data.Dataset):
         return {"row": i, "pos": pos, "negs": negs, "pos_set": self.relevant[i]}
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """Row order of an epoch, a function of (seed, epoch) alone.
+
+    A sampler that keeps drawing from one generator gives epoch 3 the generator's third draw;
+    a run resumed in epoch 3 starts a fresh generator and would replay epoch 1's order. Deriving
+    each epoch's permutation from the seed and the epoch number makes the order of any epoch
+    reproducible from nothing but the flags, on every process alike (so Accelerate has no
+    generator state to broadcast between them)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.seed = seed
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        seed = random.Random(f"{self.seed}:order:{self.epoch}").getrandbits(63)
+        yield from torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 class Collator:
     """Pads queries and passages separately, each to its own longest member. Distinct passages
     are embedded once; `passage_index` lays them out row-major (query i's positive at slot i*G,

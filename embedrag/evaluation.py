@@ -26,19 +26,21 @@ def corpus_of(examples: list[Example]) -> tuple[list[str], list[set[int]]]:
 
 @torch.no_grad()
 def evaluate(model: Any, tokenizer: Any, examples: list[Example], settings: EmbedSettings,
-             batch_size: int = 32, progress: bool = False) -> dict[str, float]:
+             batch_size: int = 32, progress: bool = False, accelerator: Any = None,
+             ) -> dict[str, float]:
     """ndcg@10, mrr@10, recall@1/10/100 and map@100 of `model` (an EmbeddingModel, possibly
-    wrapped by Accelerate)."""
+    wrapped by Accelerate). With an `accelerator` of several processes each embeds its share of
+    the texts (see `encode_with`) and every process returns the same metrics as one would."""
     was_training = model.training
     model.eval()
     corpus, relevant = corpus_of(examples)
     q = encode_with(model, tokenizer, [ex.query for ex in examples],
                     max_len=settings.query_max_len, append_eos=settings.append_eos,
                     batch_size=batch_size, instruction=settings.query_instruction,
-                    progress="queries" if progress else "")                    # (Q, D)
+                    progress="queries" if progress else "", accelerator=accelerator)  # (Q, D)
     p = encode_with(model, tokenizer, corpus, max_len=settings.passage_max_len,
                     append_eos=settings.append_eos, batch_size=batch_size,
-                    progress="passages" if progress else "")                   # (C, D)
+                    progress="passages" if progress else "", accelerator=accelerator)  # (C, D)
     model.train(was_training)
     return retrieval_metrics(q @ p.T, relevant)
 

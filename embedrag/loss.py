@@ -24,6 +24,7 @@ backpropagate that cached gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -114,21 +115,45 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _rows_everywhere(counts: list[int], device: torch.device) -> list[int]:
+    """The largest of each count over all processes (the counts themselves on one)."""
+    if not _distributed():
+        return counts
+    t = torch.tensor(counts, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     batch: dict[str, torch.Tensor], chunk: int,
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    backward: Callable[[torch.Tensor, bool], None]) -> torch.Tensor:
+                    backward: Callable[[torch.Tensor], None],
+                    no_sync: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """One GradCache forward/backward; returns the (detached) loss.
 
-    encode(input_ids, mask) -> embeddings; loss_fn(q, p) -> scalar loss;
-    backward(surrogate, last) backpropagates a scalar (`last` is the final call of the step,
-    where data-parallel gradient sync may happen). Chunks of at most `chunk` texts.
+    encode(input_ids, mask) -> embeddings; loss_fn(q, p) -> scalar loss; backward(scalar)
+    backpropagates; no_sync() is the data-parallel wrapper's context that defers gradient
+    synchronisation. Chunks of at most `chunk` texts.
+
+    Several processes must issue the same collectives in the same order, or they wait on each
+    other forever. Deduplicated passages make the number of texts differ between processes, so
+    each process pads its batch (with copies of its first text, which get zero gradient) to
+    the largest count, and all run the same number of chunks; every chunk but the last is
+    re-embedded *and* backpropagated inside no_sync — DDP decides in the forward pass whether
+    the backward pass synchronises — so gradients are reduced once, after the last chunk.
     """
     device = batch["query_input_ids"].device
-    parts = []  # (input_ids, mask, rng state) per chunk, queries first
-    for kind in ("query", "passage"):
+    kinds = ("query", "passage")
+    real = [batch[f"{kind}_input_ids"].shape[0] for kind in kinds]
+    padded = _rows_everywhere(real, device)
+    parts = []  # (kind, input_ids, mask) per chunk, queries first
+    for kind, n in zip(kinds, padded, strict=True):
         ids, mask = batch[f"{kind}_input_ids"], batch[f"{kind}_attention_mask"]
-        for start in range(0, ids.shape[0], chunk):
+        if n > ids.shape[0]:  # filler rows so that every process runs as many chunks
+            extra = n - ids.shape[0]
+            ids = torch.cat([ids, ids[:1].expand(extra, -1)])
+            mask = torch.cat([mask, mask[:1].expand(extra, -1)])
+        for start in range(0, n, chunk):
             parts.append((kind, ids[start:start + chunk], mask[start:start + chunk]))
     # 1. embed every chunk without a graph, remembering the RNG state it started from
     reps, states = [], []
@@ -138,10 +163,10 @@ def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
             reps.append(encode(ids, mask))
     q = torch.cat([r for r, (k, _, _) in zip(reps, parts, strict=True) if k == "query"])
     p = torch.cat([r for r, (k, _, _) in zip(reps, parts, strict=True) if k == "passage"])
-    q, p = q.detach().requires_grad_(), p.detach().requires_grad_()
-    # 2. the loss and its gradient with respect to the embeddings only
-    loss = loss_fn(q, p)
-    grad_q, grad_p = torch.autograd.grad(loss, [q, p])
+    q, p = q.detach().requires_grad_(), p.detach().requires_grad_()       # (B+, D), (P+, D)
+    # 2. the loss (of the real rows) and its gradient with respect to the embeddings only
+    loss = loss_fn(q[:real[0]], p[:real[1]])
+    grad_q, grad_p = torch.autograd.grad(loss, [q, p])                    # filler rows: 0
     grads = list(grad_q.split([len(r) for r, (k, _, _) in zip(reps, parts, strict=True)
                                if k == "query"]))
     grads += list(grad_p.split([len(r) for r, (k, _, _) in zip(reps, parts, strict=True)
@@ -150,7 +175,8 @@ def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     after = _rng_state(device)
     for n, ((_, ids, mask), state, g) in enumerate(zip(parts, states, grads, strict=True)):
         _set_rng_state(state, device)
-        rep = encode(ids, mask)
-        backward((rep * g).sum(), n == len(parts) - 1)
+        with nullcontext() if n == len(parts) - 1 else no_sync():
+            rep = encode(ids, mask)
+            backward((rep * g).sum())
     _set_rng_state(after, device)
     return loss.detach()

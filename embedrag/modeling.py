@@ -84,31 +84,88 @@ class EmbeddingModel(nn.Module):
 @torch.no_grad()
 def encode_with(model: nn.Module, tokenizer: Any, texts: list[str], *, max_len: int,
                 append_eos: bool, batch_size: int = 32, instruction: str = "",
-                progress: str = "") -> torch.Tensor:
+                progress: str = "", accelerator: Any = None) -> torch.Tensor:
     """Embed texts with `model` — an EmbeddingModel, or one wrapped by Accelerate (DDP, FSDP,
     DeepSpeed), whose forward maps (input_ids, attention_mask) to embeddings — tokenized,
     padded and pooled exactly as in training.
 
     Texts are embedded longest first so each batch pads little; rows come back in input
     order. (N, D) float32 on the CPU. `progress` names a progress bar (none when empty).
+
+    With an `accelerator` of W processes, process r embeds batches r, r+W, ... and the results
+    are gathered, so each process holds all N rows after doing 1/W of the work; the batches are
+    the single-process ones, so the rows are the same to the last bit. Every process must call
+    it (the gather is collective); the model must not be one whose forward is collective
+    (FSDP, DeepSpeed ZeRO-3), since processes run different numbers of batches.
     """
     from tqdm.auto import tqdm
 
     ids = tokenize(tokenizer, [instruction + t for t in texts], max_len, append_eos)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator \
+        else (0, 1)
     device = next(model.parameters()).device
     chunks = []
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=progress, disable=not progress, leave=False):
-        idx = order[start:start + batch_size]
+    for idx in tqdm(batches[rank::world], desc=progress, disable=not progress, leave=False):
         input_ids, mask = pad([ids[i] for i in idx], tokenizer.pad_token_id,
                               tokenizer.padding_side)
-        chunks.append(model(input_ids.to(device), mask.to(device)).float().cpu())
-    if not chunks:
+        chunks.append(model(input_ids.to(device), mask.to(device)).float())
+    local = torch.cat(chunks) if chunks else torch.zeros((0, 0), device=device)   # (n_r, D)
+    rows = [[i for b in batches[r::world] for i in b] for r in range(world)]
+    if world > 1:  # pad every process's rows to the same count, gather, drop the padding
+        width = max(len(r) for r in rows)
+        dim = int(accelerator.gather(torch.tensor([local.shape[1]], device=device)).max())
+        padded = torch.zeros((width, dim), device=device)
+        padded[: local.shape[0]] = local
+        every = accelerator.gather(padded).view(world, width, dim)           # (W, width, D)
+        local = torch.cat([every[r, : len(rows[r])] for r in range(world)])
+    if not ids:
         return torch.empty((0, 0))
-    out = torch.empty((len(ids), chunks[0].shape[1]))
-    out[torch.tensor(order)] = torch.cat(chunks)
+    out = torch.empty((len(ids), local.shape[1]))
+    out[torch.tensor([i for r in rows for i in r])] = local.cpu()
     return out
+
+
+def freeze_unreached(model: nn.Module, tokenizer: Any) -> list[str]:
+    """Freeze the trainable parameters that the embedding does not depend on; return their names.
+
+    `AutoModel` builds parts an embedding never uses — BERT's pooler, a vision tower, LoRA put
+    on such modules by name. They get no gradient, and data-parallel training (DDP) waits for
+    gradients of every trainable parameter: it stops at step 2 with "Expected to have finished
+    reduction in the prior iteration". They are found by walking the autograd graph of one
+    forward pass of a short text — what DDP's find_unused_parameters does on every step — with
+    no backward pass and no gradient memory. Dropout's random draws are undone."""
+    ids = torch.tensor([tokenizer("a b", add_special_tokens=True)["input_ids"]])
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.train()  # as in training: some quantized layers repack their weights in eval mode
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.enable_grad():
+        out = model(ids.to(device), torch.ones_like(ids).to(device))       # (1, D)
+    model.train(was_training)
+    reached, seen, stack = set(), set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):  # AccumulateGrad: the node that writes a parameter's .grad
+            reached.add(id(fn.variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+    for name, p in model.named_parameters():
+        if name in unused:
+            p.requires_grad_(False)
+    return unused
+
+
+def routes_experts(config: Any) -> bool:
+    """A mixture-of-experts model leaves different experts without gradient on different steps,
+    which no one-time check can foresee; DDP must then look for unused parameters every step."""
+    names = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    return any(isinstance(getattr(config, n, None), int) and getattr(config, n) > 1
+               for n in names)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:

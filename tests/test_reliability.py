@@ -95,8 +95,8 @@ KINDS = {"lora": ["--finetune_type", "lora"],
          "full": ["--finetune_type", "full"]}
 
 
-def _cmd(model, data, out, kind, *extra):
-    return [sys.executable, "train.py", "--model_name_or_path", model, "--train_dataset", data,
+def _cmd(model, data, out, kind, *extra, script="train.py"):
+    return [sys.executable, script, "--model_name_or_path", model, "--train_dataset", data,
             "--output_dir", str(out), "--batch_size", "4", "--epochs", "2", "--lr", "2e-3",
             "--neg_nums", "2", "--temperature", "0.05", "--lora_r", "4", "--lora_alpha", "8",
             "--seed", "7", "--save_steps", "3", "--save_on_epoch_end", "0",
@@ -125,6 +125,11 @@ def _kill_when(proc, exists, timeout=120):
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+FAULTS = "tests/faults.py"  # train.py with faults injected from the test side
+
+
+def _faulty(**faults):
+    return {**ENV, "EMBEDRAG_FAULTS": json.dumps(faults)}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -134,8 +139,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, tiny_decoder, lea
     subprocess.run(_cmd(tiny_decoder, learnable_data, whole, kind), cwd=ROOT, env=ENV,
                    check=True, capture_output=True)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, kind), cwd=ROOT,
-                            env={**ENV, "EMBEDRAG_TEST_SLEEP_PER_STEP": "0.3"},
+    proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, kind, script=FAULTS),
+                            cwd=ROOT, env=_faulty(sleep_per_step=0.3),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _kill_when(proc, cut / "checkpoint-step-6")  # killed during epoch 1, after step 6 or 7
     assert not (cut / "final").exists()
@@ -162,8 +167,8 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tiny_decode
     subprocess.run(_cmd(tiny_decoder, learnable_data, whole, "lora"), cwd=ROOT, env=ENV,
                    check=True, capture_output=True)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, "lora"), cwd=ROOT,
-                            env={**ENV, "EMBEDRAG_TEST_SAVE_DELAY": "30"},
+    proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, "lora", script=FAULTS),
+                            cwd=ROOT, env=_faulty(save_delay=30),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _kill_when(proc, cut / "checkpoint-step-3.tmp" / "training_state.pt")
     assert not (cut / "checkpoint-step-3").exists()  # nothing that looks complete
@@ -173,8 +178,8 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tiny_decode
     assert done.returncode == 2 and "no complete checkpoint-step-N/" in done.stderr
     # a second attempt with a complete checkpoint behind the half-written one
     proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, "lora",
-                                 "--overwrite_output_dir"), cwd=ROOT,
-                            env={**ENV, "EMBEDRAG_TEST_SLEEP_PER_STEP": "0.2"},
+                                 "--overwrite_output_dir", script=FAULTS), cwd=ROOT,
+                            env=_faulty(sleep_per_step=0.2),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _kill_when(proc, cut / "checkpoint-step-3")
     os.makedirs(cut / "checkpoint-step-9.tmp", exist_ok=True)  # as a kill mid-save leaves it
@@ -187,9 +192,8 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tiny_decode
 
 def test_nan_stops_with_the_last_good_checkpoint_intact(tiny_decoder, learnable_data, tmp_path):
     out = tmp_path / "o"
-    done = subprocess.run(_cmd(tiny_decoder, learnable_data, out, "lora"), cwd=ROOT,
-                          env={**ENV, "EMBEDRAG_TEST_NAN_AT_STEP": "5"}, capture_output=True,
-                          text=True)
+    done = subprocess.run(_cmd(tiny_decoder, learnable_data, out, "lora", script=FAULTS),
+                          cwd=ROOT, env=_faulty(nan_at_step=5), capture_output=True, text=True)
     assert done.returncode == 3
     assert "not finite at step 5 (epoch 1)" in done.stderr and "Traceback" not in done.stderr
     assert not (out / "final").exists()
@@ -202,10 +206,51 @@ def test_nan_stops_with_the_last_good_checkpoint_intact(tiny_decoder, learnable_
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
 
 
+def test_resume_from_any_epoch_equals_an_uninterrupted_run(tiny_decoder, learnable_data,
+                                                          tmp_path, capsys):
+    """12 steps an epoch, 3 epochs, LoRA dropout on: resuming in the middle of epoch 2 and at
+    its very end replays the right order, negatives and dropout (the order of an epoch is not
+    the first epoch's order, so a resume that lost it would train on other batches)."""
+    args = ["--finetune_type", "lora", "--batch_size", "2", "--epochs", "3", "--save_steps", "4",
+            "--save_on_epoch_end", "0"]
+    whole = tmp_path / "whole"
+    assert run_train(tiny_decoder, learnable_data, whole, *args)[0] == 0
+    reference = json.loads((whole / "detailed_training_logs.json").read_text())
+    assert len(reference) == 36
+    for step, micro in ((16, 4), (24, 12)):
+        checkpoint = whole / f"checkpoint-step-{step}"
+        state = json.loads((checkpoint / "trainer_state.json").read_text())["state"]
+        assert (state["epoch"], state["micro"]) == (2, micro)
+        out = tmp_path / f"from{step}"
+        assert run_train(tiny_decoder, learnable_data, out, *args, "--resume_from_checkpoint",
+                         str(checkpoint))[0] == 0
+        assert _max_diff(_weights(whole / "final"), _weights(out / "final")) < 1e-5
+        logged = json.loads((out / "detailed_training_logs.json").read_text())
+        assert [r["step"] for r in logged] == list(range(step + 1, 37))
+        assert [r["loss"] for r in logged] == pytest.approx(
+            [r["loss"] for r in reference[step:]], abs=1e-6)
+    # flags that change the math of the remaining steps are refused, each by name
+    other = write_jsonl(tmp_path / "other.jsonl", learnable_rows(12, seed=1))
+    checkpoint = str(whole / "checkpoint-step-16")
+    capsys.readouterr()
+    for flags, named in ((["--lr", "1e-3"], "--lr 0.002 -> 0.001"),
+                         (["--temperature", "0.1"], "--temperature 0.05 -> 0.1"),
+                         (["--append_eos", "no"], "--append_eos 'auto' -> 'no'"),
+                         (["--mixed_precision", "bf16"], "--mixed_precision 'no' -> 'bf16'"),
+                         (["--warmup_proportion", "0.2"], "--warmup_proportion 0.05 -> 0.2")):
+        code = run_train(tiny_decoder, learnable_data, tmp_path / "refused", *args, *flags,
+                         "--resume_from_checkpoint", checkpoint)[0]
+        err = capsys.readouterr().err
+        assert code == 2 and "cannot resume with different settings" in err and named in err, err
+    code = run_train(tiny_decoder, other, tmp_path / "refused", *args,
+                     "--resume_from_checkpoint", checkpoint)[0]
+    assert code == 2 and "--train_dataset" in capsys.readouterr().err
+
+
 def test_resume_refuses_pickled_code(tiny_decoder, learnable_data, tmp_path):
     out = tmp_path / "o"
-    subprocess.run(_cmd(tiny_decoder, learnable_data, out, "lora", "--max_steps", "3"),
-                   cwd=ROOT, env=ENV, check=True, capture_output=True)
+    args = ["--finetune_type", "lora", "--save_steps", "3", "--save_on_epoch_end", "0"]
+    assert run_train(tiny_decoder, learnable_data, out, *args, "--max_steps", "3")[0] == 0
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -213,21 +258,9 @@ def test_resume_refuses_pickled_code(tiny_decoder, learnable_data, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"optimizer": Evil()}, out / "checkpoint-step-3" / "training_state.pt")
-    done = subprocess.run(_cmd(tiny_decoder, learnable_data, out, "lora",
-                               "--resume_from_checkpoint", "latest"),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert not marker.exists()
-
-
-def test_resume_refuses_a_different_job(tiny_decoder, learnable_data, tmp_path):
-    out = tmp_path / "o"
-    subprocess.run(_cmd(tiny_decoder, learnable_data, out, "lora", "--max_steps", "3"),
-                   cwd=ROOT, env=ENV, check=True, capture_output=True)
-    other = write_jsonl(tmp_path / "other.jsonl", learnable_rows(12, seed=1))
-    done = subprocess.run(_cmd(tiny_decoder, other, out, "lora", "--resume_from_checkpoint",
-                               "latest"), cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 2 and "cannot resume with different settings" in done.stderr
+    code = run_train(tiny_decoder, learnable_data, out, *args, "--resume_from_checkpoint",
+                     "latest")[0]
+    assert code == 2 and not marker.exists()
 
 
 def test_save_total_limit_keeps_the_newest_step_checkpoints(tiny_decoder, learnable_data,

