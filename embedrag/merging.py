@@ -3,8 +3,9 @@
 The merge is checked, not trusted: probe texts are embedded by base+adapter (PEFT) before the
 merge and by the merged folder reloaded from disk after it; the merge is committed only if the
 two agree within the precision's tolerance, and refused if the adapter changed nothing at all.
-A QLoRA adapter is merged into the unquantized base (merging into 4/8-bit weights would round
-the update away or corrupt it).
+A QLoRA adapter is merged into plain (unquantized) weights — adding the update to 4/8-bit
+weights would round it away or corrupt them — by default the base's quantized weights
+dequantized, which is the model training computed with, or optionally the original weights.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import torch
 
 from embedrag.checkpoints import atomic_dir, commit_dir
 from embedrag.config import read_training_config, write_json
-from embedrag.modeling import EmbeddingModel, EmbedSettings, load_tokenizer, resolve_append_eos
+from embedrag.modeling import (
+    EmbeddingModel,
+    EmbedSettings,
+    load_tokenizer,
+    match_training_kernels,
+    quantization_config,
+    resolve_append_eos,
+)
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max abs difference allowed between PEFT and merged embeddings (unit vectors). Merging rounds
@@ -130,15 +138,45 @@ def _embed(model: EmbeddingModel, tok: Any, settings: EmbedSettings) -> torch.Te
                         append_eos=settings.append_eos, batch_size=len(PROBES))
 
 
-def merge(base_path: str, adapter_path: str, output_path: str, precision: str = "float32",
-          overwrite: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Merge, save, reload and verify; returns a small report. Raises MergeError (bad input)
-    or VerificationError (merged model differs); in both cases nothing is left behind."""
-    from peft import PeftModel
+QLORA_BASES = ("dequantized", "original")
+
+
+def _base(path: str, dtype: torch.dtype, bits: int | None = None,
+          dequantize: bool = False) -> torch.nn.Module:
+    """The base model in `dtype`: as stored, or quantized to `bits` as QLoRA training did
+    (optionally dequantized again: the weights training computed with, as plain tensors)."""
     from transformers import AutoModel
 
+    if bits is None:
+        return AutoModel.from_pretrained(path, dtype=dtype)
+    model = AutoModel.from_pretrained(path, dtype=dtype, device_map={"": "cpu"},
+                                      quantization_config=quantization_config(bits, dtype))
+    match_training_kernels(model)
+    return model.dequantize(dtype=dtype) if dequantize else model
+
+
+def _with_adapter(base: torch.nn.Module, folder: str, pooling: str) -> EmbeddingModel:
+    from peft import PeftModel
+
+    return EmbeddingModel(PeftModel.from_pretrained(base, folder), pooling).eval()
+
+
+def merge(base_path: str, adapter_path: str, output_path: str, precision: str = "float32",
+          overwrite: bool = False, say: Callable[[str], None] = print,
+          qlora_base: str = "dequantized", eval_examples: list | None = None,
+          eval_batch_size: int = 32) -> dict[str, Any]:
+    """Merge, save, reload and verify; returns a small report. Raises MergeError (bad input)
+    or VerificationError (merged model differs); in both cases nothing is left behind.
+
+    A QLoRA adapter is merged by default into the base as training saw it — its 4-bit (8-bit)
+    weights dequantized, stored in `precision` — so the merged model is the model training
+    and evaluate.py measured; qlora_base="original" merges into the original weights instead.
+    Either way the report records how far the two candidates' embeddings lie apart, and with
+    `eval_examples` both candidates (and the trained model) are scored side by side."""
     if precision not in PRECISIONS:
         raise MergeError(f"--training_precision must be one of {', '.join(PRECISIONS)}")
+    if qlora_base not in QLORA_BASES:
+        raise MergeError(f"--qlora_base must be one of {', '.join(QLORA_BASES)}")
     folder = adapter_folder(adapter_path)
     if os.path.isdir(output_path) and os.listdir(output_path) and not overwrite:
         raise MergeError(f"--output_path {output_path} is not empty; pass --overwrite to replace")
@@ -154,48 +192,95 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
             != os.path.basename(os.path.normpath(base_path))):
         say(f"warning: the adapter was trained on {trained_on}, not {base_path}; merging "
             "anyway since the shapes fit, but check that this is the same model")
-    if train_config.get("finetune_type") == "qlora":
-        say(f"QLoRA adapter ({train_config.get('quantization_bits')}-bit base in training): "
-            f"merging into the unquantized base weights in {precision}")
+    bits = train_config.get("quantization_bits") if train_config.get(
+        "finetune_type") == "qlora" else None
+    into = qlora_base if bits else "original"
 
+    # The model as trained (and evaluated): base (quantized as in training) + adapter.
     dtype = PRECISIONS[precision]
-    base = AutoModel.from_pretrained(base_path, dtype=dtype)
-    check_adapter_fits(base, folder)
-    peft_model = PeftModel.from_pretrained(base, folder)
-    model = EmbeddingModel(peft_model, settings.pooling).eval()
-    with_adapter = _embed(model, tokenizer, settings)                       # (N, D)
-    with peft_model.disable_adapter():
-        without = _embed(model, tokenizer, settings)
-    effect = (with_adapter - without).abs().max().item()
+    original = _base(base_path, dtype)
+    check_adapter_fits(original, folder)
+    trained = _with_adapter(_base(base_path, dtype, bits) if bits else original, folder,
+                            settings.pooling)
+    trained_emb = _embed(trained, tokenizer, settings)                      # (N, D)
+    with trained.backbone.disable_adapter():
+        effect = (trained_emb - _embed(trained, tokenizer, settings)).abs().max().item()
     if effect <= 1e-7:
         raise MergeError(f"the adapter in {folder} changes nothing (max embedding change "
                          f"{effect:.1e}); was it trained?")
 
-    merged = peft_model.merge_and_unload()
+    # The candidates: PEFT on the base each merges into, before merging (the reference).
+    candidates = {"original": trained if not bits else
+                  _with_adapter(original, folder, settings.pooling)}
+    if bits:
+        candidates["dequantized"] = _with_adapter(_base(base_path, dtype, bits, dequantize=True),
+                                                  folder, settings.pooling)
+    reference = {name: _embed(m, tokenizer, settings) for name, m in candidates.items()}
+    report: dict[str, Any] = {"merged_into": f"{bits}-bit base, dequantized" if into ==
+                              "dequantized" else "original base weights"}
+    if bits:
+        gap = (reference["original"] - trained_emb).abs().max().item()
+        report["qlora"] = {
+            "quantization_bits": bits,
+            "max_abs_diff_original_vs_trained": gap,
+            "max_abs_diff_dequantized_vs_trained":
+                (reference["dequantized"] - trained_emb).abs().max().item()}
+        weights = f"dequantized {bits}-bit weights" if into == "dequantized" else "original weights"
+        say(f"QLoRA adapter ({bits}-bit base in training): merging into the {weights} in "
+            f"{precision}; merged into the original weights the model would embed up to "
+            f"{gap:.2e} away from the trained one")
+    scores: dict[str, dict[str, float]] = {}
+    if eval_examples is not None:
+        from embedrag.evaluation import evaluate, format_table
+
+        def score(name: str, model: EmbeddingModel) -> None:
+            scores[name] = evaluate(model, tokenizer, eval_examples, settings,
+                                    batch_size=eval_batch_size)
+
+        score(f"trained ({bits}-bit base + adapter)" if bits else "base + adapter", trained)
+    merged = {name: m.backbone.merge_and_unload() for name, m in candidates.items()
+              if name == into or eval_examples is not None}
+    if eval_examples is not None:
+        for name, model in merged.items():
+            score(f"merged into {name} base" + (" (saved)" if name == into else ""),
+                  EmbeddingModel(model, settings.pooling).eval())
+        say(format_table(scores))
+        report["eval"] = scores
+
     tmp = atomic_dir(output_path)
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        merged[into].save_pretrained(tmp, safe_serialization=True)
         saved_settings = EmbedSettings(**asdict(settings))
         if settings.append_eos and make_tokenizer_append_eos(tokenizer):
             saved_settings.append_eos = False  # the saved tokenizer now adds it itself
         tokenizer.save_pretrained(tmp)
-        write_sentence_transformers_files(tmp, saved_settings, with_adapter.shape[1])
+        write_sentence_transformers_files(tmp, saved_settings, trained_emb.shape[1])
         write_json(os.path.join(tmp, "training_config.json"), {
             **train_config, **asdict(saved_settings), "finetune_type": "merged",
             "merged_from": os.path.abspath(folder), "base_model": base_path,
-            "precision": precision, "tokenizer_appends_eos": settings.append_eos})
+            "merged_into": report["merged_into"], "precision": precision,
+            "tokenizer_appends_eos": settings.append_eos})
+        from transformers import AutoModel
+
         reloaded = EmbeddingModel(AutoModel.from_pretrained(tmp, dtype=dtype),
                                   settings.pooling).eval()
         after = _embed(reloaded, load_tokenizer(tmp), saved_settings)
-        diff = (after - with_adapter).abs().max().item()
-        say(f"verify: max |merged - (base + adapter)| = {diff:.2e} over {len(PROBES)} probe "
-            f"texts (tolerance {TOLERANCE[precision]:.0e} for {precision}); the adapter moves "
+        # The dequantized merge is checked against the trained model itself (quantized base
+        # + adapter, computing as in training); the other against its own base + adapter.
+        if into == "dequantized":
+            target, what = trained_emb, f"the trained model ({bits}-bit base + adapter)"
+        else:
+            target, what = reference[into], "original base + adapter"
+        diff = (after - target).abs().max().item()
+        say(f"verify: max |merged - {what}| = {diff:.2e} over {len(PROBES)} probe texts "
+            f"(tolerance {TOLERANCE[precision]:.0e} for {precision}); the adapter moves "
             f"embeddings by up to {effect:.2e}")
         if diff > TOLERANCE[precision]:
-            raise VerificationError(f"merged model differs from base + adapter by {diff:.2e} "
+            raise VerificationError(f"merged model differs from {what} by {diff:.2e} "
                                     f"> {TOLERANCE[precision]:.0e}; nothing written")
-        report = {"max_abs_diff": diff, "tolerance": TOLERANCE[precision],
-                  "adapter_effect": effect, "precision": precision, "probes": PROBES}
+        report.update({"verified_against": what, "max_abs_diff": diff,
+                       "tolerance": TOLERANCE[precision], "adapter_effect": effect,
+                       "precision": precision, "probes": PROBES})
         write_json(os.path.join(tmp, "merge_report.json"), report)
         commit_dir(tmp, output_path)
     finally:

@@ -264,6 +264,38 @@ def quantization_config(bits: int, compute_dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def _as_in_training(module: nn.Module, args: tuple) -> None:
+    module.training = True  # only picks bitsandbytes' kernel: an 8-bit layer has no dropout
+
+
+def match_training_kernels(model: nn.Module) -> int:
+    """Make quantized layers compute in eval mode exactly as they do in training; returns how
+    many layers it changed. Call it on every quantized model EmbeddingModel trains or embeds
+    with, so training, in-training evaluation, evaluate.py and merge.py see one model.
+
+    4-bit: on a CPU with AVX-512 BF16, bitsandbytes (0.49+) repacks a `Linear4bit` weight in
+    place the first time the layer runs in eval mode without gradients (any evaluation), and
+    never packs it back. From then on every forward pass, in training too, goes through that
+    inference kernel (`gemv_4bit`): it computes in bfloat16 and has no backward, so no gradient
+    flows through the frozen 4-bit weights to the layers below — QLoRA stopped learning after
+    the first evaluation. Its inverse re-quantizes the block scales, so it cannot be undone
+    exactly either. The repack is switched off.
+
+    8-bit on a CPU: bitsandbytes trains with the dequantized weights (`MatMul8bitFp`) but in
+    eval mode rounds activations to int8 (`MatMul8bitLt`), another model by up to ~1e-2 in the
+    embeddings. The layers are kept on the training kernel. (On GPUs both modes use the int8
+    kernel, and 4-bit weights are never repacked: nothing to change there.)"""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+        if type(module).__name__ == "Linear8bitLt" and module.weight.device.type == "cpu":
+            module.register_forward_pre_hook(_as_in_training)
+            count += 1
+    return count
+
+
 def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
     from transformers import AutoModel
@@ -289,6 +321,7 @@ def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, 
                 setattr(config, name, cfg.attention_dropout)
         kwargs["config"] = config
     model = AutoModel.from_pretrained(cfg.model_name_or_path, **kwargs)
+    match_training_kernels(model)
     info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", "")}
     if cfg.finetune_type == "full":
         if cfg.gradient_checkpointing:
@@ -343,7 +376,9 @@ def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str 
             kwargs["quantization_config"] = quantization_config(config["quantization_bits"],
                                                                 dtype)
             kwargs["device_map"] = {"": quantized_device(torch.device(device))}
-        backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(base_path, **kwargs), path)
+        base = AutoModel.from_pretrained(base_path, **kwargs)
+        match_training_kernels(base)
+        backbone = PeftModel.from_pretrained(base, path)
     else:
         backbone = AutoModel.from_pretrained(path, **kwargs)
     model = EmbeddingModel(backbone, settings.pooling).eval()

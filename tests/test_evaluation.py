@@ -115,3 +115,63 @@ def test_evaluate_py_bad_input(tmp_path):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2 and f"{bad}:1: 'pos' is empty" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("kind", [["--finetune_type", "lora"],
+                                  ["--finetune_type", "qlora", "--quantization_bits", "4"],
+                                  ["--finetune_type", "qlora", "--quantization_bits", "8"],
+                                  ["--finetune_type", "full"]],
+                         ids=["lora", "qlora4", "qlora8", "full"])
+def test_evaluation_leaves_no_trace_in_training(kind, tiny_decoder, learnable_data, tmp_path):
+    """Evaluating before training and after epoch 1 (LoRA dropout on) changes no training loss
+    by a single bit. The tiny model's 4-bit layers (64 inputs, multiples of 32 outputs) take
+    bitsandbytes' AVX-512-BF16 CPU path where the CPU has it (see the next test)."""
+    args = [*kind, "--save_on_epoch_end", "0"]
+    assert run_train(tiny_decoder, learnable_data, tmp_path / "plain", *args)[0] == 0
+    assert run_train(tiny_decoder, learnable_data, tmp_path / "eval", *args,
+                     "--eval_dataset", learnable_data)[0] == 0
+    losses = [[r["loss"] for r in json.loads((tmp_path / d / "detailed_training_logs.json")
+                                             .read_text())] for d in ("plain", "eval")]
+    assert len(losses[0]) == 12 and losses[0] == losses[1]
+    evals = json.loads((tmp_path / "eval" / "training_summary_report.json").read_text())["eval"]
+    assert evals["metrics"]["ndcg@10"]["after"] > evals["metrics"]["ndcg@10"]["before"]
+
+
+def test_why_quantized_layers_are_kept_on_their_training_kernels(tiny_decoder):
+    """The mechanism behind the test above, on one real 4-bit layer of the tiny model: one
+    eval-mode forward without gradients makes bitsandbytes repack the weight for its CPU
+    inference kernel, and afterwards no gradient reaches the layer's input in training;
+    `match_training_kernels` keeps the training layout."""
+    from bitsandbytes.functional import has_avx512bf16
+    from transformers import AutoModel
+
+    from embedrag.modeling import match_training_kernels, quantization_config
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX-512 BF16")
+
+    def layer(pinned):
+        model = AutoModel.from_pretrained(tiny_decoder, dtype=torch.float32,
+                                          device_map={"": "cpu"},
+                                          quantization_config=quantization_config(4, torch.float32))
+        if pinned:
+            assert match_training_kernels(model) == 14  # 7 linear layers in each of 2 blocks
+        return model.layers[0].mlp.up_proj
+
+    def input_grad(q):
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        out = q.train()(x)
+        return None if not out.requires_grad else \
+            torch.autograd.grad(out.sum(), x, allow_unused=True)[0]
+
+    for pinned in (False, True):
+        q = layer(pinned)
+        before = input_grad(q)
+        assert before is not None
+        with torch.no_grad():
+            q.eval()(torch.randn(3, 64))  # what any evaluation does
+        after = input_grad(q)
+        if pinned:
+            assert torch.equal(after, before)
+        else:
+            assert after is None  # bitsandbytes' inference kernel: no gradient to the input

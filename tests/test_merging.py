@@ -32,17 +32,36 @@ def adapters(tiny_decoder, learnable_data, tmp_path_factory):
     return out
 
 
-def peft_reference(base_path, adapter, dtype=torch.float32):
-    """Embeddings of base + adapter through PEFT, computed independently of merge.py."""
+def peft_reference(base_path, adapter, dtype=torch.float32, bits=None, dequantize=False):
+    """Embeddings of base + adapter through PEFT, computed independently of merge.py: the base
+    as stored, or quantized to `bits` as training did and computing as in training (its
+    quantized layers in train mode: bitsandbytes' CPU inference repack and int8 eval kernel
+    stay off; they hold no dropout), or that quantized base dequantized to plain weights by
+    transformers."""
     from peft import PeftModel
-    from transformers import AutoModel
+    from transformers import AutoModel, BitsAndBytesConfig
 
     config = json.loads((adapter / "training_config.json").read_text())
     tok = load_tokenizer(str(adapter))
-    base = AutoModel.from_pretrained(base_path, dtype=dtype)
-    model = EmbeddingModel(PeftModel.from_pretrained(base, str(adapter)), config["pooling"]).eval()
-    plain = EmbeddingModel(AutoModel.from_pretrained(base_path, dtype=dtype),
+
+    def base():
+        if bits is None:
+            return AutoModel.from_pretrained(base_path, dtype=dtype)
+        quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=dtype) if bits == 4
+                 else BitsAndBytesConfig(load_in_8bit=True))
+        model = AutoModel.from_pretrained(base_path, dtype=dtype, quantization_config=quant,
+                                          device_map={"": "cpu"})
+        return model.dequantize(dtype=dtype) if dequantize else model
+
+    model = EmbeddingModel(PeftModel.from_pretrained(base(), str(adapter)),
                            config["pooling"]).eval()
+    for module in model.modules():
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt") and \
+                type(module).__module__.startswith("bitsandbytes"):
+            module.train()
+    plain = EmbeddingModel(base(), config["pooling"]).eval()
     kw = {"max_len": 128, "append_eos": config["append_eos"]}
     return model.encode(tok, PROBES, **kw), plain.encode(tok, PROBES, **kw)
 
@@ -57,17 +76,83 @@ def merged_embeddings(path, dtype=torch.float32):
                         append_eos=config["append_eos"])
 
 
-@pytest.mark.parametrize("name", list(ADAPTERS))
+def _merge(adapter, base, out, *extra):
+    assert merge_script.main(["--base_model_path", base, "--lora_adapter_path", str(adapter),
+                              "--output_path", str(out), *extra]) == 0
+    return json.loads((out / "merge_report.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["lora", "lora_mean"])
 def test_merged_equals_base_plus_adapter(name, adapters, tiny_decoder, tmp_path):
     out = tmp_path / "merged"
-    assert merge_script.main(["--base_model_path", tiny_decoder, "--lora_adapter_path",
-                              str(adapters[name] / "adapter_model.safetensors"),
-                              "--output_path", str(out)]) == 0
+    _merge(adapters[name] / "adapter_model.safetensors", tiny_decoder, out)
     want, base_only = peft_reference(tiny_decoder, adapters[name])
     got = merged_embeddings(out)
     assert (got - want).abs().max().item() < 1e-5
     assert (got - base_only).abs().max().item() > 1e-3  # the merge really changed the model
     assert not any(f.endswith((".bin", ".pt")) for f in os.listdir(out))
+
+
+def test_qlora_4bit_merges_into_the_model_it_trained_as(adapters, tiny_decoder, tmp_path):
+    """Default: the 4-bit base dequantized + the update reproduces the trained model (4-bit
+    base + adapter); --qlora_base original reproduces the original base + adapter. The two
+    differ, and the report says by how much."""
+    adapter = adapters["qlora4"]
+    trained, quantized_only = peft_reference(tiny_decoder, adapter, bits=4)
+    original, _ = peft_reference(tiny_decoder, adapter)
+    report = _merge(adapter, tiny_decoder, tmp_path / "default")
+    got = merged_embeddings(tmp_path / "default")
+    assert (got - trained).abs().max().item() < 1e-5
+    assert (got - quantized_only).abs().max().item() > 1e-3
+    gap = (original - trained).abs().max().item()
+    assert gap > 1e-3  # quantization error: the two candidates really are different models
+    assert report["merged_into"] == "4-bit base, dequantized"
+    assert report["qlora"]["max_abs_diff_original_vs_trained"] == pytest.approx(gap, abs=1e-5)
+    report = _merge(adapter, tiny_decoder, tmp_path / "original", "--qlora_base", "original")
+    assert (merged_embeddings(tmp_path / "original") - original).abs().max().item() < 1e-5
+    assert report["merged_into"] == "original base weights"
+
+
+def test_qlora_8bit_merges_into_the_model_it_trained_as(adapters, tiny_decoder, tmp_path):
+    """On a CPU, bitsandbytes computes 8-bit layers in training with their dequantized weights
+    (and in eval mode with int8 activations, which EmbedRAG does not use): the default merge
+    reproduces the training computation, and evaluate.py's model for the adapter embeds the
+    same way."""
+    from embedrag.modeling import load_embedder
+
+    adapter = adapters["qlora8"]
+    trained, _ = peft_reference(tiny_decoder, adapter, bits=8)
+    dequantized, _ = peft_reference(tiny_decoder, adapter, bits=8, dequantize=True)
+    report = _merge(adapter, tiny_decoder, tmp_path / "m")
+    got = merged_embeddings(tmp_path / "m")
+    assert (got - trained).abs().max().item() < 1e-5
+    assert (got - dequantized).abs().max().item() < 1e-5
+    assert report["qlora"]["max_abs_diff_dequantized_vs_trained"] < 1e-5
+    assert report["qlora"]["max_abs_diff_original_vs_trained"] > 1e-3
+    model, tok, settings = load_embedder(str(adapter))
+    measured = model.encode(tok, PROBES, max_len=128, append_eos=settings.append_eos)
+    assert (measured - got).abs().max().item() < 1e-5
+
+
+def test_eval_dataset_scores_the_candidates_side_by_side(adapters, tiny_decoder, learnable_data,
+                                                         tmp_path, capsys):
+    from embedrag.data import read_jsonl
+    from embedrag.evaluation import evaluate
+    from embedrag.modeling import load_embedder
+
+    report = _merge(adapters["qlora4"], tiny_decoder, tmp_path / "m", "--eval_dataset",
+                    learnable_data)
+    printed = capsys.readouterr().out
+    rows = report["eval"]
+    assert set(rows) == {"trained (4-bit base + adapter)", "merged into dequantized base (saved)",
+                         "merged into original base"}
+    for name in rows:
+        assert name in printed
+    # what evaluate.py measures for final/ is the trained row, and the saved merge matches it
+    model, tok, settings = load_embedder(str(adapters["qlora4"]))
+    final = evaluate(model, tok, read_jsonl(learnable_data), settings)
+    assert final == pytest.approx(rows["trained (4-bit base + adapter)"], abs=1e-6)
+    assert rows["merged into dequantized base (saved)"] == pytest.approx(final, abs=1e-4)
 
 
 def test_bfloat16_merge_within_documented_tolerance(adapters, tiny_decoder, tmp_path):
