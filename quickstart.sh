@@ -7,11 +7,14 @@
 #      (datasets/manpages_zh_tw_train.jsonl), evaluating on held-out pages before and after,
 #   4. merge the adapter into the base with merge.py (verified) and evaluate the merged model.
 # Output in output/quickstart (replaced on each run). About 10 minutes on 2 CPU cores.
+# QUICKSTART_MODE=qlora trains QLoRA (4-bit base) instead, the tool's default mode; merge.py
+# then scores the trained model and both merge candidates side by side.
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
 OUT=${QUICKSTART_OUT:-output/quickstart}
 STEPS=${QUICKSTART_STEPS:-40}
+MODE=${QUICKSTART_MODE:-lora}
 
 echo "== installing requirements"
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
@@ -27,8 +30,8 @@ cpu = open('/proc/cpuinfo').read() if __import__('os').path.exists('/proc/cpuinf
 ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported() or 'avx512_bf16' in cpu or 'amx_bf16' in cpu
 print('bf16' if ok else 'no')")
 
-echo "== training (LoRA, $STEPS steps, mixed precision: $PRECISION)"
-python train.py --model_name_or_path "$MODEL" --finetune_type lora \
+echo "== training ($MODE, $STEPS steps, mixed precision: $PRECISION)"
+python train.py --model_name_or_path "$MODEL" --finetune_type "$MODE" \
   --train_dataset datasets/manpages_zh_tw_train.jsonl \
   --eval_dataset datasets/manpages_zh_tw_eval.jsonl \
   --output_dir "$OUT/lora" --overwrite_output_dir \
@@ -37,8 +40,10 @@ python train.py --model_name_or_path "$MODEL" --finetune_type lora \
   --mixed_precision "$PRECISION" --save_on_epoch_end 0 --logging_steps 5
 
 echo "== merging the adapter into the base"
+MERGE_EVAL=()
+[ "$MODE" = qlora ] && MERGE_EVAL=(--eval_dataset datasets/manpages_zh_tw_eval.jsonl)
 python merge.py --base_model_path "$MODEL" --lora_adapter_path "$OUT/lora/final" \
-  --output_path "$OUT/merged" --overwrite
+  --output_path "$OUT/merged" --overwrite "${MERGE_EVAL[@]}"
 
 echo "== evaluating the merged model"
 python evaluate.py --model_path "$OUT/merged" --eval_dataset datasets/manpages_zh_tw_eval.jsonl \

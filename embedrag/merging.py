@@ -210,11 +210,11 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
                          f"{effect:.1e}); was it trained?")
 
     # The candidates: PEFT on the base each merges into, before merging (the reference).
-    candidates = {"original": trained if not bits else
-                  _with_adapter(original, folder, settings.pooling)}
+    candidates = {"original": trained}
     if bits:
-        candidates["dequantized"] = _with_adapter(_base(base_path, dtype, bits, dequantize=True),
-                                                  folder, settings.pooling)
+        candidates = {"dequantized": _with_adapter(_base(base_path, dtype, bits, dequantize=True),
+                                                   folder, settings.pooling),
+                      "original": _with_adapter(original, folder, settings.pooling)}
     reference = {name: _embed(m, tokenizer, settings) for name, m in candidates.items()}
     report: dict[str, Any] = {"merged_into": f"{bits}-bit base, dequantized" if into ==
                               "dequantized" else "original base weights"}
