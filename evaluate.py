@@ -6,8 +6,9 @@
 
 The model may be a base model, a merged model, a full fine-tune, or an adapter folder (applied
 on its base). The corpus is every distinct `pos` and `neg` passage of the file; a query's
-relevant documents are its `pos`. Pooling, instruction, lengths and EOS handling default to the
-model's training_config.json. Exit codes: 0 done, 2 bad input.
+relevant documents are its `pos`. Pooling, prompts, lengths and EOS handling default to the
+model's training_config.json, else to its own sentence-transformers recipe. Exit codes: 0 done,
+2 bad input.
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Model folder or hub id: base, merged, full fine-tune or adapter.")
     p.add_argument("--eval_dataset", required=True, help="JSONL with query/pos/neg rows.")
     p.add_argument("--pooling", choices=["last", "mean", "cls"], default=None,
-                   help="Default: training_config.json's, else last.")
+                   help="Default: training_config.json's, else the model's own "
+                        "(sentence-transformers config), else last.")
     p.add_argument("--query_instruction", default=None,
-                   help="Prefix for queries. Default: training_config.json's, else none.")
+                   help="Prefix for queries. Default: training_config.json's, else the "
+                        "model's 'query' prompt, else none.")
+    p.add_argument("--passage_instruction", default=None,
+                   help="Prefix for passages. Default: training_config.json's, else the "
+                        "model's 'document' prompt, else none.")
     p.add_argument("--query_max_len", type=int, default=None,
-                   help="Default: training_config.json's, else 256.")
+                   help="Default: training_config.json's, else the model's max_seq_length, "
+                        "else 256 (never more than the model takes).")
     p.add_argument("--passage_max_len", type=int, default=None,
-                   help="Default: training_config.json's, else 1024.")
+                   help="Default: training_config.json's, else the model's max_seq_length, "
+                        "else 1024 (never more than the model takes).")
     p.add_argument("--append_eos", choices=["auto", "yes", "no"], default=None,
                    help="Append EOS to every text. Default: as in training; auto for a "
                         "plain model.")
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from embedrag.data import DataError, read_jsonl
     from embedrag.evaluation import evaluate, format_table
-    from embedrag.modeling import load_embedder, resolve_append_eos
+    from embedrag.loading import load_embedder
 
     try:
         examples = read_jsonl(args.eval_dataset)
@@ -66,19 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"evaluate.py: error: {line}", file=sys.stderr)
         return 2
+    overrides = {name: getattr(args, name) for name in (
+        "pooling", "query_instruction", "passage_instruction", "query_max_len",
+        "passage_max_len", "append_eos")}
     try:
         model, tokenizer, settings = load_embedder(
             args.model_path, dtype=getattr(torch, args.dtype),
-            trust_remote_code=args.trust_remote_code)
+            trust_remote_code=args.trust_remote_code, overrides=overrides)
     except (OSError, ValueError) as e:
         print(f"evaluate.py: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    for name in ("pooling", "query_instruction", "query_max_len", "passage_max_len"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
-    model.pooling = settings.pooling
-    if args.append_eos is not None:
-        settings.append_eos = resolve_append_eos(args.append_eos, settings.pooling, tokenizer)
     metrics = evaluate(model, tokenizer, examples, settings, batch_size=args.batch_size,
                        progress=True)
     print(format_table({os.path.basename(os.path.normpath(args.model_path)): metrics}))

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Texts per forward pass when scoring --eval_dataset.")
     p.add_argument("--overwrite", action="store_true",
                    help="Replace a non-empty --output_path.")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="Run code shipped with the base model's repository (a base that ships "
+                        "its own modeling code is refused without it).")
     return p
 
 
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         examples = read_jsonl(args.eval_dataset) if args.eval_dataset else None
         merge(args.base_model_path, args.lora_adapter_path, args.output_path,
               args.training_precision, args.overwrite, qlora_base=args.qlora_base,
-              eval_examples=examples, eval_batch_size=args.eval_batch_size)
+              eval_examples=examples, eval_batch_size=args.eval_batch_size,
+              trust_remote_code=args.trust_remote_code)
     except DataError as e:
         for line in str(e).splitlines():
             print(f"merge.py: error: {line}", file=sys.stderr)

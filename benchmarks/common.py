@@ -43,7 +43,8 @@ def score(model_dir: str, eval_rows: list, pooling: str, max_len: int,
     pooling, lengths and EOS given here rather than those it was saved with, so models from
     different tools are scored alike."""
     from embedrag.evaluation import evaluate
-    from embedrag.modeling import EmbeddingModel, EmbedSettings, load_embedder
+    from embedrag.loading import load_embedder
+    from embedrag.modeling import EmbeddingModel, EmbedSettings
 
     model, tokenizer, _ = load_embedder(model_dir)
     settings = EmbedSettings(pooling=pooling, query_max_len=max_len, passage_max_len=max_len,

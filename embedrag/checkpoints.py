@@ -52,6 +52,7 @@ def save_model(accelerator: Any, model: Any, tokenizer: Any, training_config: di
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         tmp = atomic_dir(path)
         backbone.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        accelerator.unwrap_model(model).save_head(tmp)  # the model's Dense layers, if any
         tokenizer.save_pretrained(tmp)
         write_json(os.path.join(tmp, "training_config.json"), training_config)
         if extra is not None:
@@ -149,6 +150,10 @@ def load_step_checkpoint(path: str, model: Any, optimizer: Any,
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
+    from embedrag.recipe import Dense
+
+    for name, module in zip(model.head_names, model.head or [], strict=True):
+        module.load_state_dict(Dense.load(path, name).state_dict())
     blob = torch.load(os.path.join(path, TENSORS_FILE), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

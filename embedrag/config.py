@@ -22,6 +22,7 @@ FINETUNE_TYPES = ("lora", "qlora", "full")
 POOLINGS = ("last", "mean", "cls")
 MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
 APPEND_EOS = ("auto", "yes", "no")
+ATTENTIONS = ("model", "bidirectional")
 
 
 def _flag(help: str, **kw: Any) -> Any:
@@ -55,8 +56,12 @@ class TrainConfig:
         "rows' passages when a row has fewer).", default=2)
     temperature: float = _flag("InfoNCE temperature; scores are cosine / temperature.",
                                default=0.02)
-    query_max_len: int = _flag("Max tokens of a query, instruction and EOS included.", default=256)
-    passage_max_len: int = _flag("Max tokens of a passage, EOS included.", default=1024)
+    query_max_len: int | None = _flag(
+        "Max tokens of a query, instruction and EOS included. Default: the model's "
+        "max_seq_length (sentence-transformers config), else 256.", default=None)
+    passage_max_len: int | None = _flag(
+        "Max tokens of a passage, EOS included. Default: the model's max_seq_length "
+        "(sentence-transformers config), else 1024.", default=None)
     lora_r: int = _flag("LoRA rank (size of the low-rank update).", default=8)
     lora_alpha: int = _flag("LoRA alpha (scaling = alpha / r).", default=32)
     lora_dropout: float = _flag("Dropout on the LoRA branch.", default=0.1)
@@ -66,12 +71,24 @@ class TrainConfig:
         "Share of optimizer steps spent warming the learning rate up linearly from 0; "
         "it then decays linearly to 0.", default=0.05)
     # --- ours ---
-    pooling: str = _flag(
+    pooling: str | None = _flag(
         "How token states become one vector: last (last real token; decoders such as gte-Qwen2), "
-        "mean (encoders such as MiniLM), cls.", default="last", choices=POOLINGS)
-    query_instruction: str = _flag(
+        "mean (encoders such as MiniLM), cls. Default: the model's own (its sentence-"
+        "transformers Pooling config), else last.", default=None, choices=POOLINGS)
+    query_instruction: str | None = _flag(
         "Prefix added to every query, e.g. 'Instruct: Given a question, retrieve passages that "
-        "answer it\\nQuery: '. Passages get none.", default="")
+        "answer it\\nQuery: '. Default: the model's 'query' prompt, else none.", default=None)
+    passage_instruction: str | None = _flag(
+        "Prefix added to every passage. Default: the model's 'document' prompt (as "
+        "EmbeddingGemma's 'title: none | text: '), else none.", default=None)
+    attention: str = _flag(
+        "model: the model's own attention (causal for decoders); bidirectional: every token "
+        "attends to every other, through transformers' own mask machinery (decoders such as "
+        "Qwen2/3, Llama, Mistral, Gemma 3).", default="model", choices=ATTENTIONS)
+    cpu_kernels: str = _flag(
+        "auto: when training on a CPU, faster dropout masks and attention "
+        "(embedrag/kernels.py) where they compute what the model's own would; off: the "
+        "model's own operations only.", default="auto", choices=("auto", "off"))
     append_eos: str = _flag(
         "Append the EOS token to every text. auto: yes for last pooling when the tokenizer does "
         "not add it itself (how gte-Qwen2 and Qwen3-Embedding were trained).",
@@ -164,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             kwargs["action"] = "store_true"
         else:
-            kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
+            kind = str(f.type).removesuffix(" | None")
+            kwargs["type"] = {"int": int, "float": float, "str": str}[kind]
             kwargs["metavar"] = f.name.upper()
         if "choices" in meta:
             kwargs["choices"] = meta.pop("choices")
@@ -179,7 +197,7 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
     positive = ["batch_size", "epochs", "query_max_len", "passage_max_len", "lora_r",
                 "lora_alpha", "gradient_accumulation_steps", "logging_steps", "eval_batch_size"]
     for name in positive:
-        if getattr(cfg, name) <= 0:
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ["neg_nums", "max_steps", "num_workers", "max_grad_norm", "weight_decay",
                  "save_steps", "save_total_limit", "grad_cache_chunk_size", "num_processes"]:
@@ -209,6 +227,15 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
     hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", model) is not None
     if not os.path.isdir(model) and not hub_id:
         problems.append(f"--model_name_or_path {model}: no such folder")
+    else:  # a recipe we cannot honour, or code the model ships and nobody trusted: stop now
+        from embedrag.loading import ModelError, check_remote_code
+        from embedrag.recipe import RecipeError, read_recipe
+
+        try:
+            read_recipe(model)
+            check_remote_code(model, cfg.trust_remote_code)
+        except (RecipeError, ModelError) as e:
+            problems.append(str(e))
     return problems
 
 
@@ -256,7 +283,7 @@ def embedding_config(cfg: TrainConfig, tokenizer: Any, append_eos: bool,
         "pooling": cfg.pooling,
         "normalize": True,
         "query_instruction": cfg.query_instruction,
-        "passage_instruction": "",
+        "passage_instruction": cfg.passage_instruction,
         "query_max_len": cfg.query_max_len,
         "passage_max_len": cfg.passage_max_len,
         "append_eos": append_eos,

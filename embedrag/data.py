@@ -132,7 +132,8 @@ class TrainingSet(torch.utils.data.Dataset):
 
     def __init__(self, examples: list[Example], tokenizer: Any, *, neg_nums: int,
                  query_max_len: int, passage_max_len: int, query_instruction: str,
-                 append_eos: bool, seed: int, source: str = "data"):
+                 append_eos: bool, seed: int, source: str = "data",
+                 passage_instruction: str = ""):
         self.neg_nums = neg_nums
         self.seed = seed
         self.epoch = 0
@@ -159,7 +160,8 @@ class TrainingSet(torch.utils.data.Dataset):
                                 f"--neg_nums {neg_nums} needs {neg_nums}")
         queries = [query_instruction + ex.query for ex in examples]
         self.query_ids = tokenize(tokenizer, queries, query_max_len, append_eos)
-        self.passage_ids = tokenize(tokenizer, self.passages, passage_max_len, append_eos)
+        self.passage_ids = tokenize(tokenizer, [passage_instruction + p for p in self.passages],
+                                    passage_max_len, append_eos)
 
     def __len__(self) -> int:
         return len(self.pos)

@@ -40,6 +40,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], settings: Embe
                     progress="queries" if progress else "", accelerator=accelerator)  # (Q, D)
     p = encode_with(model, tokenizer, corpus, max_len=settings.passage_max_len,
                     append_eos=settings.append_eos, batch_size=batch_size,
+                    instruction=settings.passage_instruction,
                     progress="passages" if progress else "", accelerator=accelerator)  # (C, D)
     model.train(was_training)
     return retrieval_metrics(q @ p.T, relevant)

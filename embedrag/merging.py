@@ -13,21 +13,21 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from embedrag.checkpoints import atomic_dir, commit_dir
 from embedrag.config import read_training_config, write_json
-from embedrag.modeling import (
-    EmbeddingModel,
-    EmbedSettings,
-    load_tokenizer,
+from embedrag.loading import (
+    check_remote_code,
     match_training_kernels,
+    model_config,
     quantization_config,
-    resolve_append_eos,
 )
+from embedrag.modeling import EmbeddingModel, EmbedSettings, load_tokenizer, resolve_append_eos
+from embedrag.recipe import load_head
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max abs difference allowed between PEFT and merged embeddings (unit vectors). Merging rounds
@@ -113,9 +113,12 @@ def make_tokenizer_append_eos(tokenizer: Any) -> bool:
     return True
 
 
-def write_sentence_transformers_files(path: str, settings: EmbedSettings, dim: int) -> None:
-    """modules.json + Pooling + Normalize in the layout sentence-transformers 2.x to 6.x read."""
-    modules = [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+def write_sentence_transformers_files(path: str, settings: EmbedSettings, dim: int,
+                                      dense: list[str]) -> None:
+    """modules.json + Pooling (+ the Dense modules already saved in their folders) + Normalize,
+    with the prompts, in the layout sentence-transformers 2.x to 6.x read."""
+    modules = [("", "Transformer"), ("1_Pooling", "Pooling"), *((d, "Dense") for d in dense)]
+    modules.append((f"{len(modules)}_Normalize", "Normalize"))
     write_json(os.path.join(path, "modules.json"), [
         {"idx": i, "name": str(i), "path": sub, "type": f"sentence_transformers.models.{kind}"}
         for i, (sub, kind) in enumerate(modules)])
@@ -127,44 +130,61 @@ def write_sentence_transformers_files(path: str, settings: EmbedSettings, dim: i
     os.makedirs(os.path.join(path, "1_Pooling"))
     write_json(os.path.join(path, "1_Pooling", "config.json"),
                {"word_embedding_dimension": dim, **pooling, "include_prompt": True})
-    os.makedirs(os.path.join(path, "2_Normalize"))
-    prompts = {"query": settings.query_instruction, "document": ""}
+    os.makedirs(os.path.join(path, modules[-1][0]))
+    prompts = {"query": settings.query_instruction, "document": settings.passage_instruction}
     write_json(os.path.join(path, "config_sentence_transformers.json"),
                {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
 
 
 def _embed(model: EmbeddingModel, tok: Any, settings: EmbedSettings) -> torch.Tensor:
     return model.encode(tok, PROBES, max_len=settings.passage_max_len,
-                        append_eos=settings.append_eos, batch_size=len(PROBES))
+                        append_eos=settings.append_eos, batch_size=len(PROBES),
+                        instruction=settings.passage_instruction)
 
 
 QLORA_BASES = ("dequantized", "original")
 
 
-def _base(path: str, dtype: torch.dtype, bits: int | None = None,
-          dequantize: bool = False) -> torch.nn.Module:
-    """The base model in `dtype`: as stored, or quantized to `bits` as QLoRA training did
-    (optionally dequantized again: the weights training computed with, as plain tensors)."""
-    from transformers import AutoModel
+@dataclass
+class Trained:
+    """What the adapter folder says about the model it belongs to."""
 
-    if bits is None:
-        return AutoModel.from_pretrained(path, dtype=dtype)
-    model = AutoModel.from_pretrained(path, dtype=dtype, device_map={"": "cpu"},
-                                      quantization_config=quantization_config(bits, dtype))
-    match_training_kernels(model)
-    return model.dequantize(dtype=dtype) if dequantize else model
+    folder: str
+    settings: EmbedSettings
+    head: torch.nn.Module | None   # the base's Dense layers (frozen in LoRA training)
+    head_names: list[str]
+    config: Any                    # the base's transformers config, with the training's attention
+    trust_remote_code: bool
 
+    def base(self, path: str, dtype: torch.dtype, bits: int | None = None,
+             dequantize: bool = False) -> torch.nn.Module:
+        """The base model in `dtype`: as stored, or quantized to `bits` as QLoRA training did
+        (optionally dequantized again: the weights training computed with, plain tensors)."""
+        from transformers import AutoModel
 
-def _with_adapter(base: torch.nn.Module, folder: str, pooling: str) -> EmbeddingModel:
-    from peft import PeftModel
+        kwargs = {"dtype": dtype, "config": self.config,
+                  "trust_remote_code": self.trust_remote_code}
+        if bits is None:
+            return AutoModel.from_pretrained(path, **kwargs)
+        model = AutoModel.from_pretrained(path, device_map={"": "cpu"}, **kwargs,
+                                          quantization_config=quantization_config(bits, dtype))
+        match_training_kernels(model)
+        return model.dequantize(dtype=dtype) if dequantize else model
 
-    return EmbeddingModel(PeftModel.from_pretrained(base, folder), pooling).eval()
+    def embedder(self, backbone: torch.nn.Module, adapter: bool = True) -> EmbeddingModel:
+        """The backbone (with the adapter applied), pooled and headed as in training."""
+        if adapter:
+            from peft import PeftModel
+
+            backbone = PeftModel.from_pretrained(backbone, self.folder)
+        return EmbeddingModel(backbone, self.settings.pooling, self.head,
+                              self.head_names).eval()
 
 
 def merge(base_path: str, adapter_path: str, output_path: str, precision: str = "float32",
           overwrite: bool = False, say: Callable[[str], None] = print,
           qlora_base: str = "dequantized", eval_examples: list | None = None,
-          eval_batch_size: int = 32) -> dict[str, Any]:
+          eval_batch_size: int = 32, trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge, save, reload and verify; returns a small report. Raises MergeError (bad input)
     or VerificationError (merged model differs); in both cases nothing is left behind.
 
@@ -182,6 +202,7 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
         raise MergeError(f"--output_path {output_path} is not empty; pass --overwrite to replace")
     if os.path.exists(output_path) and not os.path.isdir(output_path):
         raise MergeError(f"--output_path {output_path} is a file")
+    check_remote_code(base_path, trust_remote_code)
     has_tokenizer = os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
     tokenizer = load_tokenizer(folder if has_tokenizer else base_path)
     settings = settings_for(folder, tokenizer, say)
@@ -198,10 +219,13 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
 
     # The model as trained (and evaluated): base (quantized as in training) + adapter.
     dtype = PRECISIONS[precision]
-    original = _base(base_path, dtype)
+    names = train_config.get("dense_modules") or []
+    how = Trained(folder, settings, load_head(folder, names), names,
+                  model_config(base_path, attention=train_config.get("attention", "model"),
+                               trust_remote_code=trust_remote_code), trust_remote_code)
+    original = how.base(base_path, dtype)
     check_adapter_fits(original, folder)
-    trained = _with_adapter(_base(base_path, dtype, bits) if bits else original, folder,
-                            settings.pooling)
+    trained = how.embedder(how.base(base_path, dtype, bits) if bits else original)
     trained_emb = _embed(trained, tokenizer, settings)                      # (N, D)
     with trained.backbone.disable_adapter():
         effect = (trained_emb - _embed(trained, tokenizer, settings)).abs().max().item()
@@ -212,9 +236,8 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
     # The candidates: PEFT on the base each merges into, before merging (the reference).
     candidates = {"original": trained}
     if bits:
-        candidates = {"dequantized": _with_adapter(_base(base_path, dtype, bits, dequantize=True),
-                                                   folder, settings.pooling),
-                      "original": _with_adapter(original, folder, settings.pooling)}
+        candidates = {"dequantized": how.embedder(how.base(base_path, dtype, bits, True)),
+                      "original": how.embedder(original)}
     reference = {name: _embed(m, tokenizer, settings) for name, m in candidates.items()}
     report: dict[str, Any] = {"merged_into": f"{bits}-bit base, dequantized" if into ==
                               "dequantized" else "original base weights"}
@@ -243,18 +266,20 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
     if eval_examples is not None:
         for name, model in merged.items():
             score(f"merged into {name} base" + (" (saved)" if name == into else ""),
-                  EmbeddingModel(model, settings.pooling).eval())
+                  how.embedder(model, adapter=False))
         say(format_table(scores))
         report["eval"] = scores
 
     tmp = atomic_dir(output_path)
     try:
         merged[into].save_pretrained(tmp, safe_serialization=True)
+        trained.save_head(tmp)
         saved_settings = EmbedSettings(**asdict(settings))
         if settings.append_eos and make_tokenizer_append_eos(tokenizer):
             saved_settings.append_eos = False  # the saved tokenizer now adds it itself
         tokenizer.save_pretrained(tmp)
-        write_sentence_transformers_files(tmp, saved_settings, trained_emb.shape[1])
+        write_sentence_transformers_files(tmp, saved_settings, merged[into].config.hidden_size,
+                                          names)
         write_json(os.path.join(tmp, "training_config.json"), {
             **train_config, **asdict(saved_settings), "finetune_type": "merged",
             "merged_from": os.path.abspath(folder), "base_model": base_path,
@@ -262,8 +287,9 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
             "tokenizer_appends_eos": settings.append_eos})
         from transformers import AutoModel
 
-        reloaded = EmbeddingModel(AutoModel.from_pretrained(tmp, dtype=dtype),
-                                  settings.pooling).eval()
+        reloaded = EmbeddingModel(
+            AutoModel.from_pretrained(tmp, dtype=dtype, trust_remote_code=trust_remote_code),
+            settings.pooling, load_head(tmp, names), names).eval()
         after = _embed(reloaded, load_tokenizer(tmp), saved_settings)
         # The dequantized merge is checked against the trained model itself (quantized base
         # + adapter, computing as in training); the other against its own base + adapter.

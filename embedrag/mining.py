@@ -68,16 +68,15 @@ def embedding_ranker(model_path: str, pooling: str | None, batch_size: int,
                      trust_remote_code: bool = False) -> Any:
     """A function (queries, corpus) -> (Q, C) cosine scores with the model, embedding as
     training does (its pooling, instruction, lengths and EOS)."""
-    from embedrag.modeling import load_embedder
+    from embedrag.loading import load_embedder
 
-    model, tokenizer, settings = load_embedder(model_path, trust_remote_code=trust_remote_code)
-    if pooling:
-        settings.pooling = model.pooling = pooling
+    model, tokenizer, settings = load_embedder(model_path, trust_remote_code=trust_remote_code,
+                                               overrides={"pooling": pooling})
 
     def scores(queries: list[str], corpus: list[str]) -> ChunkedScores:
         p = model.encode(tokenizer, corpus, max_len=settings.passage_max_len,
                          append_eos=settings.append_eos, batch_size=batch_size,
-                         progress="corpus")                                    # (C, D)
+                         instruction=settings.passage_instruction, progress="corpus")  # (C, D)
         q = model.encode(tokenizer, queries, max_len=settings.query_max_len,
                          append_eos=settings.append_eos, batch_size=batch_size,
                          instruction=settings.query_instruction, progress="queries")

@@ -1,8 +1,9 @@
-"""Loading the backbone (full, LoRA or QLoRA), setting up its tokenizer, pooling, encoding.
+"""The embedding model: backbone, pooling, the model's Dense head, normalisation; encoding.
 
 `EmbeddingModel` wraps a transformers `AutoModel` (no LM head) and turns token states into one
 L2-normalised vector per text. The same class embeds during training, after reloading a saved
-adapter, and in evaluation, so "embeds as in training" holds by construction.
+adapter, and in evaluation, so "embeds as in training" holds by construction. How a path
+becomes one is in `embedrag/loading.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedrag import kernels
-from embedrag.config import read_json
 from embedrag.data import pad, tokenize
 
 
@@ -53,6 +52,7 @@ class EmbedSettings:
 
     pooling: str = "last"
     query_instruction: str = ""
+    passage_instruction: str = ""
     query_max_len: int = 256
     passage_max_len: int = 1024
     append_eos: bool = False
@@ -63,17 +63,30 @@ class EmbedSettings:
 
 
 class EmbeddingModel(nn.Module):
-    """backbone -> pooled -> L2-normalised embeddings (float32)."""
+    """backbone -> pooled -> the model's Dense layers, if any -> L2-normalised (float32).
 
-    def __init__(self, backbone: nn.Module, pooling: str):
+    `head` holds the sentence-transformers Dense modules a model ships after its pooling
+    (EmbeddingGemma has two); `head_names` are their folders, under which they are saved."""
+
+    def __init__(self, backbone: nn.Module, pooling: str, head: nn.Module | None = None,
+                 head_names: list[str] | None = None):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        self.head = head
+        self.head_names = list(head_names or [])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = POOLERS[self.pooling](hidden, attention_mask)            # (N, H)
+        if self.head is not None:
+            pooled = self.head(pooled.to(next(self.head.parameters()).dtype))  # (N, D)
         return F.normalize(pooled.float(), p=2, dim=-1)
+
+    def save_head(self, folder: str) -> None:
+        """The Dense modules, each in its sentence-transformers folder under `folder`."""
+        for name, module in zip(self.head_names, self.head or [], strict=True):
+            module.save(os.path.join(folder, name))
 
     @torch.no_grad()
     def encode(self, tokenizer: Any, texts: list[str], **kwargs: Any) -> torch.Tensor:
@@ -160,14 +173,6 @@ def freeze_unreached(model: nn.Module, tokenizer: Any) -> list[str]:
     return unused
 
 
-def routes_experts(config: Any) -> bool:
-    """A mixture-of-experts model leaves different experts without gradient on different steps,
-    which no one-time check can foresee; DDP must then look for unused parameters every step."""
-    names = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-    return any(isinstance(getattr(config, n, None), int) and getattr(config, n) > 1
-               for n in names)
-
-
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer with a pad token: its own, else EOS, else UNK."""
     from transformers import AutoTokenizer
@@ -226,165 +231,6 @@ def find_lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
                          "name them with --lora_target_modules")
     excluded = [n for n in outside if n.rsplit(".", 1)[-1] in inside]
     return sorted(inside), excluded
-
-
-def quantized_device(device: torch.device) -> int | str:
-    """Where bitsandbytes should place this process's quantized weights: its own GPU (an index,
-    never None: Accelerate's single-GPU device is plain "cuda"), else the device type."""
-    if device.type == "cuda":
-        return device.index if device.index is not None else torch.cuda.current_device()
-    return device.type
-
-
-def max_model_length(path: str, tokenizer: Any, trust_remote_code: bool = False) -> int | None:
-    """The most tokens the model can take (position embeddings), if it says."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    limits = [getattr(config, "max_position_embeddings", None)]
-    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
-        limits.append(tokenizer.model_max_length)
-    limits = [n for n in limits if isinstance(n, int) and n > 0]
-    return min(limits) if limits else None
-
-
-def autocast_dtype(mixed_precision: str) -> torch.dtype:
-    """The dtype --mixed_precision computes in (float32 for "no")."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-
-
-def quantization_config(bits: int, compute_dtype: torch.dtype) -> Any:
-    """QLoRA's bitsandbytes settings: 4-bit NF4 with double quantization, or LLM.int8."""
-    from transformers import BitsAndBytesConfig
-
-    if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _as_in_training(module: nn.Module, args: tuple) -> None:
-    module.training = True  # only picks bitsandbytes' kernel: an 8-bit layer has no dropout
-
-
-def match_training_kernels(model: nn.Module) -> int:
-    """Make quantized layers compute in eval mode exactly as they do in training; returns how
-    many layers it changed. Call it on every quantized model EmbeddingModel trains or embeds
-    with, so training, in-training evaluation, evaluate.py and merge.py see one model.
-
-    4-bit: on a CPU with AVX-512 BF16, bitsandbytes (0.49+) repacks a `Linear4bit` weight in
-    place the first time the layer runs in eval mode without gradients (any evaluation), and
-    never packs it back. From then on every forward pass, in training too, goes through that
-    inference kernel (`gemv_4bit`): it computes in bfloat16 and has no backward, so no gradient
-    flows through the frozen 4-bit weights to the layers below — QLoRA stopped learning after
-    the first evaluation. Its inverse re-quantizes the block scales, so it cannot be undone
-    exactly either. The repack is switched off.
-
-    8-bit on a CPU: bitsandbytes trains with the dequantized weights (`MatMul8bitFp`) but in
-    eval mode rounds activations to int8 (`MatMul8bitLt`), another model by up to ~1e-2 in the
-    embeddings. The layers are kept on the training kernel. (On GPUs both modes use the int8
-    kernel, and 4-bit weights are never repacked: nothing to change there.)"""
-    count = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-        if type(module).__name__ == "Linear8bitLt" and module.weight.device.type == "cpu":
-            module.register_forward_pre_hook(_as_in_training)
-            count += 1
-    return count
-
-
-def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
-    from transformers import AutoModel
-
-    compute_dtype = autocast_dtype(cfg.mixed_precision)
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    # The frozen base of lora/qlora may sit in the autocast dtype; trained weights stay fp32.
-    base_dtype = torch.float32 if cfg.finetune_type == "full" else compute_dtype
-    kwargs["dtype"] = base_dtype
-    if cfg.finetune_type == "qlora":
-        kwargs["quantization_config"] = quantization_config(cfg.quantization_bits, compute_dtype)
-        # Quantized weights are placed at load time, on this process's own device.
-        kwargs["device_map"] = {"": quantized_device(device)}
-    if cfg.attention_dropout >= 0:
-        # Dropout on attention probabilities keeps CPUs and GPUs off their fused attention
-        # kernels and draws a (batch, heads, length, length) random mask per layer.
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(cfg.model_name_or_path,
-                                            trust_remote_code=cfg.trust_remote_code)
-        for name in ("attention_probs_dropout_prob", "attention_dropout"):
-            if hasattr(config, name):
-                setattr(config, name, cfg.attention_dropout)
-        kwargs["config"] = config
-    model = AutoModel.from_pretrained(cfg.model_name_or_path, **kwargs)
-    match_training_kernels(model)
-    info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", "")}
-    if cfg.finetune_type == "full":
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model, {**info, **kernels.install(model, device)}
-
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    targets, excluded = find_lora_targets(model)
-    if cfg.target_modules():
-        targets, excluded = cfg.target_modules(), []
-    if cfg.finetune_type == "qlora":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, exclude_modules=excluded or None, bias="none")
-    model = get_peft_model(model, lora)
-    info.update(lora_target_modules=targets, lora_excluded_modules=excluded)
-    return model, {**info, **kernels.install(model, device)}
-
-
-def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,
-                  trust_remote_code: bool = False) -> tuple[EmbeddingModel, Any, EmbedSettings]:
-    """(model, tokenizer, settings) for any model folder EmbedRAG meets, in eval mode:
-
-    - an adapter folder (train.py's final/ or a checkpoint under lora/qlora): its base, from
-      training_config.json (or adapter_config.json), with the adapter applied; a QLoRA adapter's
-      base is quantized as in training, so it embeds as the trained model did;
-    - a full fine-tune or merged folder, or any plain model: loaded as it is.
-    Settings come from training_config.json when there is one; otherwise last-token pooling
-    with EOS handled as `--append_eos auto` would.
-    """
-    from transformers import AutoModel
-
-    config = read_json(os.path.join(path, "training_config.json"))
-    adapter = read_json(os.path.join(path, "adapter_config.json"))
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    settings = (EmbedSettings.from_training_config(config) if config else
-                EmbedSettings(append_eos=resolve_append_eos("auto", "last", tokenizer)))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if adapter:
-        from peft import PeftModel
-
-        base_path = (config or {}).get("base_model") or adapter["base_model_name_or_path"]
-        if (config or {}).get("finetune_type") == "qlora":
-            kwargs["quantization_config"] = quantization_config(config["quantization_bits"],
-                                                                dtype)
-            kwargs["device_map"] = {"": quantized_device(torch.device(device))}
-        base = AutoModel.from_pretrained(base_path, **kwargs)
-        match_training_kernels(base)
-        backbone = PeftModel.from_pretrained(base, path)
-    else:
-        backbone = AutoModel.from_pretrained(path, **kwargs)
-    model = EmbeddingModel(backbone, settings.pooling).eval()
-    if "device_map" not in kwargs:  # quantized weights were placed when loaded
-        model.to(device)
-    return model, tokenizer, settings
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

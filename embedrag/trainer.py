@@ -26,21 +26,19 @@ from embedrag.checkpoints import (
 from embedrag.config import TrainConfig, embedding_config, write_json
 from embedrag.data import Collator, EpochShuffle, Example, TrainingSet
 from embedrag.evaluation import evaluate, format_table
+from embedrag.loading import autocast_dtype, load_backbone, max_model_length, routes_experts
 from embedrag.logs import RunLogger, peak_memory
 from embedrag.loss import embedding_loss, grad_cache_step
 from embedrag.modeling import (
     EmbeddingModel,
     EmbedSettings,
-    autocast_dtype,
     count_parameters,
     freeze_unreached,
-    load_backbone,
     load_tokenizer,
-    max_model_length,
     resolve_append_eos,
-    routes_experts,
 )
 from embedrag.perf import native_bf16, utilisation
+from embedrag.recipe import DEFAULTS, decide, load_head, read_recipe
 
 # bitsandbytes warns on every int8 matmul that it casts fp32 inputs to fp16; once is enough.
 warnings.filterwarnings("once", message=".*MatMul8bitLt: inputs will be cast.*")
@@ -184,17 +182,27 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     say = tqdm.write if main else (lambda *_: None)
     set_seed(cfg.seed)
 
-    # --- data: tokenized once; an epoch re-draws the order and the negatives ---
+    # --- how texts are embedded: flags, else the model's own recipe, else our defaults ---
+    recipe = read_recipe(cfg.model_name_or_path)
+    decided, sources = decide({name: getattr(cfg, name) for name in DEFAULTS}, recipe)
+    for name, value in decided.items():
+        setattr(cfg, name, value)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     append_eos = resolve_append_eos(cfg.append_eos, cfg.pooling, tokenizer)
     limit = max_model_length(cfg.model_name_or_path, tokenizer, cfg.trust_remote_code)
     for name in ("query_max_len", "passage_max_len"):
         if limit and getattr(cfg, name) > limit:
-            say(f"note: --{name} {getattr(cfg, name)} exceeds what the model takes; using {limit}")
+            say(f"note: {name} {getattr(cfg, name)} exceeds what the model takes; using {limit}")
             setattr(cfg, name, limit)
+            sources[name] += f", clamped to the model's {limit}"
+    say("embedding: " + ", ".join(f"{name} {getattr(cfg, name)!r} ({sources[name]})"
+                                  for name in DEFAULTS))
+
+    # --- data: tokenized once; an epoch re-draws the order and the negatives ---
     data = TrainingSet(examples, tokenizer, neg_nums=cfg.neg_nums,
                        query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
-                       query_instruction=cfg.query_instruction, append_eos=append_eos,
+                       query_instruction=cfg.query_instruction,
+                       passage_instruction=cfg.passage_instruction, append_eos=append_eos,
                        seed=cfg.seed, source=cfg.train_dataset)
     if data.short_rows:
         say(f"note: {data.short_rows} of {len(data)} rows have fewer than {cfg.neg_nums} "
@@ -214,13 +222,17 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
 
     # --- model, optimizer, schedule ---
     backbone, info = load_backbone(cfg, accelerator.device)
-    model = EmbeddingModel(backbone, cfg.pooling)
+    head = load_head(cfg.model_name_or_path, recipe.dense)  # the model's Dense layers, if any
+    if head is not None:
+        head.to(accelerator.device).requires_grad_(cfg.finetune_type == "full")
+    model = EmbeddingModel(backbone, cfg.pooling, head, recipe.dense)
     with accelerator.autocast():
         unused = freeze_unreached(model, tokenizer)
     if unused:
         say(f"note: {len(unused)} parameter tensor(s) the embedding does not use are frozen "
             f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")
-    info["frozen_unused_parameters"] = unused
+    info.update(frozen_unused_parameters=unused, settings_from=sources,
+                dense_modules=recipe.dense, attention=cfg.attention)
     trainable, total = count_parameters(model)
     # Sharded weights (DeepSpeed, FSDP): every process takes part in each forward pass, and
     # the optimizer state is not whole on any one of them (nor are fused kernels known to work).

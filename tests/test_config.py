@@ -20,10 +20,16 @@ def _required(tmp_path):
 
 
 def test_seed_defaults(tmp_path):
+    """The seed's defaults hold; the embedding settings among them are decided when training
+    starts (a model's own recipe comes first), and are the seed's for a model without one."""
+    from embedrag.recipe import DEFAULTS, Recipe, decide
+
     cfg = parse_args(_required(tmp_path))
+    decided, sources = decide({name: getattr(cfg, name) for name in DEFAULTS}, Recipe())
     for name, value in SEED_DEFAULTS.items():
-        assert getattr(cfg, name) == value, name
-    assert cfg.pooling == "last" and cfg.trust_remote_code is False
+        assert decided.get(name, getattr(cfg, name)) == value, name
+    assert decided["pooling"] == "last" and cfg.trust_remote_code is False
+    assert set(sources.values()) == {"default"}
 
 
 def test_help_explains_every_flag():

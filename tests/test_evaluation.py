@@ -145,7 +145,7 @@ def test_why_quantized_layers_are_kept_on_their_training_kernels(tiny_decoder):
     from bitsandbytes.functional import has_avx512bf16
     from transformers import AutoModel
 
-    from embedrag.modeling import match_training_kernels, quantization_config
+    from embedrag.loading import match_training_kernels, quantization_config
 
     if not has_avx512bf16():
         pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX-512 BF16")

@@ -118,7 +118,7 @@ def test_qlora_8bit_merges_into_the_model_it_trained_as(adapters, tiny_decoder, 
     (and in eval mode with int8 activations, which EmbedRAG does not use): the default merge
     reproduces the training computation, and evaluate.py's model for the adapter embeds the
     same way."""
-    from embedrag.modeling import load_embedder
+    from embedrag.loading import load_embedder
 
     adapter = adapters["qlora8"]
     trained, _ = peft_reference(tiny_decoder, adapter, bits=8)
@@ -138,7 +138,7 @@ def test_eval_dataset_scores_the_candidates_side_by_side(adapters, tiny_decoder,
                                                          tmp_path, capsys):
     from embedrag.data import read_jsonl
     from embedrag.evaluation import evaluate
-    from embedrag.modeling import load_embedder
+    from embedrag.loading import load_embedder
 
     report = _merge(adapters["qlora4"], tiny_decoder, tmp_path / "m", "--eval_dataset",
                     learnable_data)

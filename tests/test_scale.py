@@ -28,7 +28,8 @@ def _model(kind, path):
     from accelerate.utils import set_seed
 
     from embedrag.config import TrainConfig
-    from embedrag.modeling import EmbeddingModel, load_backbone
+    from embedrag.loading import load_backbone
+    from embedrag.modeling import EmbeddingModel
 
     set_seed(0)
     cfg = TrainConfig(model_name_or_path=path, train_dataset="", output_dir="", batch_size=6,

@@ -120,7 +120,7 @@ def test_what_trains_and_what_stays(trained, tiny_decoder):
             assert not torch.equal(p, fresh[name]), f"{name} did not change"
         return
     from embedrag.config import TrainConfig
-    from embedrag.modeling import load_backbone
+    from embedrag.loading import load_backbone
 
     set_seed(7)
     cfg = TrainConfig(model_name_or_path=tiny_decoder, train_dataset="", output_dir="",
@@ -278,7 +278,7 @@ def test_encoder_mean_pooling_and_lengths_clamped_to_the_model(tiny_encoder, lea
 
 
 def test_quantized_weights_go_to_this_process_gpu(monkeypatch):
-    from embedrag.modeling import quantized_device
+    from embedrag.loading import quantized_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert quantized_device(torch.device("cuda")) == 3

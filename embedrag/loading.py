@@ -1,0 +1,305 @@
+"""Turning a model path into a model ready to train or to embed with.
+
+Everything that decides *which* network a path becomes lives here: the model's own
+configuration (with the attention and dropout EmbedRAG was asked for), its shipped code (never
+run, nor silently replaced, unless asked), quantization, and the LoRA/QLoRA/full set-up.
+`load_backbone` builds what train.py trains; `load_embedder` builds, from any folder EmbedRAG
+meets, the model that embeds the way training did — the same settings, head, attention and
+length limits in every script (evaluate.py, mine_negatives.py, merge.py, the notebook).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from embedrag import kernels
+from embedrag.config import read_json
+from embedrag.modeling import (
+    EmbeddingModel,
+    EmbedSettings,
+    find_lora_targets,
+    load_tokenizer,
+    resolve_append_eos,
+)
+from embedrag.recipe import decide, load_head, model_file, read_recipe
+
+
+class ModelError(ValueError):
+    """The model cannot be used as asked (shipped code not trusted, or failing); one line."""
+
+
+def shipped_code(path: str) -> dict[str, str]:
+    """Classes the model's repository ships as code for AutoModel / AutoTokenizer."""
+    found = {}
+    for name, keys in (("config.json", ("AutoModel",)),
+                       ("tokenizer_config.json", ("AutoTokenizer",))):
+        file = model_file(path, name)
+        if file is None:
+            continue
+        auto_map = read_json(file).get("auto_map") or {}
+        for key in keys:
+            target = auto_map.get(key)
+            target = [t for t in target if t][0] if isinstance(target, list) else target
+            if target:
+                found[key] = target
+    return found
+
+
+def check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """Refuse a model whose repository maps AutoModel (or its tokenizer) to its own code when
+    that code is not trusted: transformers would silently load its stock class instead — for
+    gte-Qwen2-7B-instruct, causal Qwen2 in place of its bidirectional model, whose embeddings
+    then degrade to noise."""
+    shipped = shipped_code(path)
+    if not shipped or trust_remote_code:
+        return
+    key, target = next(iter(shipped.items()))
+    instead = "its stock tokenizer"
+    if key == "AutoModel":
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+        model_type = (read_json(model_file(path, "config.json")) or {}).get("model_type")
+        instead = f"the stock {MODEL_MAPPING_NAMES.get(model_type, 'class of its model type')}"
+    raise ModelError(f"{path} ships its own code for {key} ({target}); without "
+                     f"--trust_remote_code, {instead} would be loaded instead and may embed "
+                     f"differently. Read that code, then pass --trust_remote_code")
+
+
+@contextmanager
+def shipped_code_errors(path: str, trust_remote_code: bool):
+    """Code shipped for older transformers versions fails deep in a forward pass; say so in
+    one line instead."""
+    try:
+        yield
+    except Exception as e:
+        if not (trust_remote_code and shipped_code(path)):
+            raise
+        import transformers
+
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"the code shipped with {path} fails on transformers "
+                         f"{transformers.__version__}: {type(e).__name__}: {first}") from e
+
+
+def model_config(path: str, *, attention: str = "model", attention_dropout: float = -1.0,
+                 trust_remote_code: bool = False) -> Any:
+    """The model's config with the attention EmbedRAG was asked for.
+
+    bidirectional: Gemma 3 has its own switch (`use_bidirectional_attention`, EmbeddingGemma's
+    recipe, which also opens its sliding windows both ways); other architectures transformers
+    ships take `is_causal = False`, which its mask functions read to build a bidirectional
+    mask. Both are saved with the config, so a full fine-tune or merged folder reloads with
+    the attention it was trained with. attention_dropout >= 0 replaces the model's dropout on
+    attention probabilities."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if attention == "bidirectional":
+        if hasattr(config, "use_bidirectional_attention"):
+            config.use_bidirectional_attention = True
+        config.is_causal = False
+    if attention_dropout >= 0:
+        # Dropout on attention probabilities keeps CPUs and GPUs off their fused attention
+        # kernels and draws a (batch, heads, length, length) random mask per layer.
+        for name in ("attention_probs_dropout_prob", "attention_dropout"):
+            if hasattr(config, name):
+                setattr(config, name, attention_dropout)
+    return config
+
+
+def routes_experts(config: Any) -> bool:
+    """A mixture-of-experts model leaves different experts without gradient on different steps,
+    which no one-time check can foresee; DDP must then look for unused parameters every step."""
+    names = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    return any(isinstance(getattr(config, n, None), int) and getattr(config, n) > 1
+               for n in names)
+
+
+def quantized_device(device: torch.device) -> int | str:
+    """Where bitsandbytes should place this process's quantized weights: its own GPU (an index,
+    never None: Accelerate's single-GPU device is plain "cuda"), else the device type."""
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return device.type
+
+
+def max_model_length(path: str, tokenizer: Any, trust_remote_code: bool = False) -> int | None:
+    """The most tokens the model can take (position embeddings), if it says."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    limits = [getattr(config, "max_position_embeddings", None)]
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    limits = [n for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype --mixed_precision computes in (float32 for "no")."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype) -> Any:
+    """QLoRA's bitsandbytes settings: 4-bit NF4 with double quantization, or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _as_in_training(module: nn.Module, args: tuple) -> None:
+    module.training = True  # only picks bitsandbytes' kernel: an 8-bit layer has no dropout
+
+
+def match_training_kernels(model: nn.Module) -> int:
+    """Make quantized layers compute in eval mode exactly as they do in training; returns how
+    many layers it changed. Call it on every quantized model EmbeddingModel trains or embeds
+    with, so training, in-training evaluation, evaluate.py and merge.py see one model.
+
+    4-bit: on a CPU with AVX-512 BF16, bitsandbytes (0.49+) repacks a `Linear4bit` weight in
+    place the first time the layer runs in eval mode without gradients (any evaluation), and
+    never packs it back. From then on every forward pass, in training too, goes through that
+    inference kernel (`gemv_4bit`): it computes in bfloat16 and has no backward, so no gradient
+    flows through the frozen 4-bit weights to the layers below — QLoRA stopped learning after
+    the first evaluation. Its inverse re-quantizes the block scales, so it cannot be undone
+    exactly either. The repack is switched off.
+
+    8-bit on a CPU: bitsandbytes trains with the dequantized weights (`MatMul8bitFp`) but in
+    eval mode rounds activations to int8 (`MatMul8bitLt`), another model by up to ~1e-2 in the
+    embeddings. The layers are kept on the training kernel. (On GPUs both modes use the int8
+    kernel, and 4-bit weights are never repacked: nothing to change there.)"""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+        if type(module).__name__ == "Linear8bitLt" and module.weight.device.type == "cpu":
+            module.register_forward_pre_hook(_as_in_training)
+            count += 1
+    return count
+
+
+def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
+    from transformers import AutoModel
+
+    compute_dtype = autocast_dtype(cfg.mixed_precision)
+    # The frozen base of lora/qlora may sit in the autocast dtype; trained weights stay fp32.
+    base_dtype = torch.float32 if cfg.finetune_type == "full" else compute_dtype
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": base_dtype}
+    if cfg.finetune_type == "qlora":
+        kwargs["quantization_config"] = quantization_config(cfg.quantization_bits, compute_dtype)
+        # Quantized weights are placed at load time, on this process's own device.
+        kwargs["device_map"] = {"": quantized_device(device)}
+    kwargs["config"] = model_config(cfg.model_name_or_path, attention=cfg.attention,
+                                    attention_dropout=cfg.attention_dropout,
+                                    trust_remote_code=cfg.trust_remote_code)
+    with shipped_code_errors(cfg.model_name_or_path, cfg.trust_remote_code):
+        model = AutoModel.from_pretrained(cfg.model_name_or_path, **kwargs)
+    match_training_kernels(model)
+    info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", "")}
+    swap = kernels.install if cfg.cpu_kernels == "auto" else (lambda *_: {})
+    if cfg.finetune_type == "full":
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, {**info, **swap(model, device)}
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets, excluded = find_lora_targets(model)
+    if cfg.target_modules():
+        targets, excluded = cfg.target_modules(), []
+    if cfg.finetune_type == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, exclude_modules=excluded or None, bias="none")
+    model = get_peft_model(model, lora)
+    info.update(lora_target_modules=targets, lora_excluded_modules=excluded)
+    return model, {**info, **swap(model, device)}
+
+
+SETTINGS = ("pooling", "query_instruction", "passage_instruction", "query_max_len",
+            "passage_max_len")
+
+
+def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,
+                  trust_remote_code: bool = False, overrides: dict[str, Any] | None = None,
+                  ) -> tuple[EmbeddingModel, Any, EmbedSettings]:
+    """(model, tokenizer, settings) for any model folder EmbedRAG meets, in eval mode:
+
+    - an adapter folder (train.py's final/ or a checkpoint under lora/qlora): its base, from
+      training_config.json (or adapter_config.json), loaded with the training's attention and
+      the adapter applied; a QLoRA adapter's base is quantized as in training, so it embeds as
+      the trained model did;
+    - a full fine-tune or merged folder: loaded as it is (its config carries the attention);
+    - any other model: with its own sentence-transformers recipe (pooling, prompts, length,
+      Dense layers), EmbedRAG's defaults where it has none.
+    `overrides` (pooling, query_instruction, passage_instruction, query_max_len,
+    passage_max_len, append_eos; None = keep) win over both. Lengths are clamped to what the
+    model takes, whatever asked for more.
+    """
+    from transformers import AutoModel
+
+    check_remote_code(path, trust_remote_code)
+    config = read_json(os.path.join(path, "training_config.json"))
+    adapter = read_json(os.path.join(path, "adapter_config.json"))
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if config:
+        settings = EmbedSettings.from_training_config(config)
+        head = load_head(path, config.get("dense_modules") or [])
+    else:
+        recipe = read_recipe(path)
+        values, _ = decide({}, recipe)
+        settings = EmbedSettings(**values)
+        head = load_head(path, recipe.dense)
+    for name in SETTINGS:
+        if name in overrides:
+            setattr(settings, name, overrides[name])
+    if "append_eos" in overrides or not config:
+        settings.append_eos = resolve_append_eos(overrides.get("append_eos", "auto"),
+                                                 settings.pooling, tokenizer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base_path = ((config or {}).get("base_model") or adapter["base_model_name_or_path"]
+                 if adapter else path)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+                              "config": model_config(
+                                  base_path, attention=(config or {}).get("attention", "model"),
+                                  trust_remote_code=trust_remote_code)}
+    if adapter and (config or {}).get("finetune_type") == "qlora":
+        kwargs["quantization_config"] = quantization_config(config["quantization_bits"], dtype)
+        kwargs["device_map"] = {"": quantized_device(torch.device(device))}
+    with shipped_code_errors(path, trust_remote_code):
+        backbone = AutoModel.from_pretrained(base_path, **kwargs)
+    match_training_kernels(backbone)
+    if adapter:
+        from peft import PeftModel
+
+        backbone = PeftModel.from_pretrained(backbone, path)
+    limit = max_model_length(base_path, tokenizer, trust_remote_code)
+    for name in ("query_max_len", "passage_max_len"):
+        if limit and getattr(settings, name) > limit:
+            setattr(settings, name, limit)
+    model = EmbeddingModel(backbone, settings.pooling, head,
+                           (config or {}).get("dense_modules") or (
+                               [] if config else read_recipe(path).dense)).eval()
+    if "device_map" not in kwargs:  # quantized weights were placed when loaded
+        model.to(device)
+    else:
+        model.head.to(device) if model.head is not None else None
+    return model, tokenizer, settings
