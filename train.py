@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from embedrag.checkpoints import OutputDirError, check_output_dir
     from embedrag.launch import run_workers, workers_to_start
+    from embedrag.loading import ModelError
+    from embedrag.recipe import RecipeError
     from embedrag.trainer import LaunchError, NonFiniteLossError, train
 
     try:
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         if workers > 1:
             return run_workers(workers, os.path.abspath(__file__), argv)
         train(cfg, examples, eval_examples)
-    except (OutputDirError, DataError, LaunchError, OSError, pickle.UnpicklingError) as e:
+    except (OutputDirError, DataError, LaunchError, ModelError, RecipeError, OSError,
+            pickle.UnpicklingError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         return fail([f"train.py: error: {lines[0]}"], 2)
     except NonFiniteLossError as e:

@@ -29,6 +29,9 @@ POOLING = {"cls": "cls", "cls_token": "cls", "mean": "mean", "mean_tokens": "mea
            "lasttoken": "last"}
 MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 DOCUMENT_PROMPTS = ("document", "passage", "corpus")  # as sentence-transformers' encode_document
+# Dense settings sentence-transformers 5+ writes; at these values they change nothing.
+DENSE_DEFAULTS = {"module_input_name": "sentence_embedding",
+                  "module_output_name": "sentence_embedding", "use_residual": False}
 
 
 class RecipeError(ValueError):
@@ -157,6 +160,9 @@ class Dense(nn.Module):
         from safetensors.torch import load_file
 
         config = _json(model, f"{folder}/config.json") or {}
+        for key, default in DENSE_DEFAULTS.items():  # newer sentence-transformers write these
+            if config.get(key, default) == default:
+                config.pop(key, None)
         unknown = set(config) - {"in_features", "out_features", "bias", "activation_function"}
         if unknown or not {"in_features", "out_features"} <= set(config):
             raise RecipeError(f"{model}: {folder}/config.json has settings EmbedRAG does not "

@@ -26,7 +26,13 @@ from embedrag.checkpoints import (
 from embedrag.config import TrainConfig, embedding_config, write_json
 from embedrag.data import Collator, EpochShuffle, Example, TrainingSet
 from embedrag.evaluation import evaluate, format_table
-from embedrag.loading import autocast_dtype, load_backbone, max_model_length, routes_experts
+from embedrag.loading import (
+    autocast_dtype,
+    load_backbone,
+    max_model_length,
+    routes_experts,
+    shipped_code_errors,
+)
 from embedrag.logs import RunLogger, peak_memory
 from embedrag.loss import embedding_loss, grad_cache_step
 from embedrag.modeling import (
@@ -226,8 +232,9 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     if head is not None:
         head.to(accelerator.device).requires_grad_(cfg.finetune_type == "full")
     model = EmbeddingModel(backbone, cfg.pooling, head, recipe.dense)
-    with accelerator.autocast():
-        unused = freeze_unreached(model, tokenizer)
+    with shipped_code_errors(cfg.model_name_or_path, cfg.trust_remote_code), \
+            accelerator.autocast():
+        unused = freeze_unreached(model, tokenizer)  # also the model's first forward pass
     if unused:
         say(f"note: {len(unused)} parameter tensor(s) the embedding does not use are frozen "
             f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")

@@ -117,3 +117,72 @@ def tiny_encoder(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def learnable_data(tmp_path_factory) -> str:
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", learnable_rows())
+
+
+def build_tiny_st_encoder(path: str, tiny_encoder: str) -> str:
+    """The tiny BERT as a sentence-transformers model, saved by sentence-transformers itself:
+    mean pooling, a Dense layer (64 -> 32, tanh), Normalize, a 'query: ' prompt for queries
+    only, and max_seq_length 48."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from torch import nn
+
+    torch.manual_seed(0)
+    transformer = models.Transformer(tiny_encoder, max_seq_length=48)
+    st = SentenceTransformer(modules=[
+        transformer, models.Pooling(64, pooling_mode="mean"),
+        models.Dense(64, 32, activation_function=nn.Tanh()), models.Normalize()],
+        prompts={"query": "query: "}, device="cpu")
+    st.save(path)
+    return path
+
+
+def build_tiny_gemma3(path: str) -> str:
+    """A 2-layer Gemma 3 (one sliding-window layer, one full) with the tiny decoder's
+    tokenizer: what EmbeddingGemma-style bidirectional attention switches on."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
+
+    tok = AutoTokenizer.from_pretrained(build_tiny_decoder(path + "_tok"))
+    torch.manual_seed(0)
+    Gemma3TextModel(Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+        max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"],
+        attention_dropout=0.0)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+SHIPPED_CODE = '''
+from transformers import Qwen2Model
+
+
+class ShippedQwen2Model(Qwen2Model):
+    """Stands for code a model repository ships (gte-Qwen2's bidirectional modeling_qwen.py)."""
+
+    shipped = True
+'''
+
+
+def build_shipped_code_decoder(path: str, tiny_decoder: str) -> str:
+    """The tiny Qwen2 whose config maps AutoModel to code shipped in its folder."""
+    import shutil
+
+    shutil.copytree(tiny_decoder, path)
+    with open(os.path.join(path, "modeling_shipped.py"), "w") as f:
+        f.write(SHIPPED_CODE)
+    config = json.load(open(os.path.join(path, "config.json")))
+    config["auto_map"] = {"AutoModel": "modeling_shipped.ShippedQwen2Model"}
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_st_encoder(tmp_path_factory, tiny_encoder) -> str:
+    return build_tiny_st_encoder(str(tmp_path_factory.mktemp("tiny_st") / "m"), tiny_encoder)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> str:
+    return build_tiny_gemma3(str(tmp_path_factory.mktemp("tiny_gemma3") / "m"))

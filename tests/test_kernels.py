@@ -202,18 +202,28 @@ def test_install_on_a_model(tiny_encoder, tmp_path):
                                    plain(ids, mask).last_hidden_state, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_encoder", "tiny_decoder", "tiny_decoder_left"])
-def test_training_mode_path_through_real_models(fixture, request):
+@pytest.mark.parametrize("fixture, attention", [
+    ("tiny_encoder", "model"), ("tiny_decoder", "model"), ("tiny_decoder_left", "model"),
+    ("tiny_decoder", "bidirectional"), ("tiny_gemma3", "model"),
+    ("tiny_gemma3", "bidirectional")])
+def test_training_mode_path_through_real_models(fixture, attention, request):
     """Attention dropout 1e-9 sends every layer down the dropout path while keeping every
-    element: in training mode the model must then give what the plain one gives in eval."""
+    element: in training mode the model must then give what the plain one gives in eval —
+    values and gradients — for BERT, Qwen2 and Gemma 3 (a sliding-window layer of 4 tokens,
+    shorter than the texts), causal and bidirectional."""
     from transformers import AutoModel
 
+    from embedrag.loading import model_config
+
     path = request.getfixturevalue(fixture)
-    plain = AutoModel.from_pretrained(path).eval()
+    plain = AutoModel.from_pretrained(path, config=model_config(path, attention=attention)).eval()
     config = plain.config.to_dict()
     off = {k: (1e-9 if "attention" in k else 0.0) for k in config if "dropout" in k
            and isinstance(config[k], float)}
-    fast = AutoModel.from_pretrained(path, **off)
+    fast_config = model_config(path, attention=attention)
+    for key, value in off.items():
+        setattr(fast_config, key, value)
+    fast = AutoModel.from_pretrained(path, config=fast_config)
     assert kernels.install(fast, torch.device("cpu"))["cpu_attention"]
     fast.train()
     ids = torch.randint(5, 100, (3, 12))
@@ -223,8 +233,15 @@ def test_training_mode_path_through_real_models(fixture, request):
     else:
         mask[1, :5] = 0
     real = mask.bool()
-    torch.testing.assert_close(fast(ids, mask).last_hidden_state[real],
-                               plain(ids, mask).last_hidden_state[real], rtol=1e-4, atol=1e-5)
+    outputs = [m(ids, mask).last_hidden_state[real] for m in (fast, plain)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+    weights = torch.randn_like(outputs[0])
+    grads = [torch.autograd.grad((out * weights).sum(), [p for p in m.parameters()],
+                                 allow_unused=True) for out, m in zip(outputs, (fast, plain))]
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:  # sums over every token: float32 summation order shows at ~1e-5
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_install_reaches_peft_lora_dropout(tiny_decoder):
@@ -238,3 +255,20 @@ def test_install_reaches_peft_lora_dropout(tiny_decoder):
                  isinstance(m, torch.nn.Dropout)]
     assert lora_drop and all(type(m) is kernels.Dropout for m in lora_drop)
     assert model.get_base_model().config._attn_implementation == kernels.ATTENTION
+
+
+def test_cpu_kernels_off_leaves_the_model_its_own_operations(tiny_encoder):
+    from embedrag.config import TrainConfig
+    from embedrag.loading import load_backbone
+
+    def load(mode):
+        cfg = TrainConfig(model_name_or_path=tiny_encoder, train_dataset="", output_dir="",
+                          batch_size=2, finetune_type="full", cpu_kernels=mode)
+        return load_backbone(cfg, torch.device("cpu"))
+
+    model, info = load("off")
+    assert "cpu_attention" not in info and "cpu_dropout_modules" not in info
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(type(m) is kernels.Dropout for m in model.modules())
+    model, info = load("auto")
+    assert info["cpu_attention"] and model.config._attn_implementation == kernels.ATTENTION
