@@ -236,9 +236,9 @@ def test_training_mode_path_through_real_models(fixture, attention, request):
     outputs = [m(ids, mask).last_hidden_state[real] for m in (fast, plain)]
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
     weights = torch.randn_like(outputs[0])
-    grads = [torch.autograd.grad((out * weights).sum(), [p for p in m.parameters()],
-                                 allow_unused=True) for out, m in zip(outputs, (fast, plain))]
-    for a, b in zip(*grads):
+    grads = [torch.autograd.grad((out * weights).sum(), list(m.parameters()), allow_unused=True)
+             for out, m in zip(outputs, (fast, plain), strict=True)]
+    for a, b in zip(*grads, strict=True):
         assert (a is None) == (b is None)
         if a is not None:  # sums over every token: float32 summation order shows at ~1e-5
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
