@@ -71,7 +71,10 @@ def _json(model: str, name: str) -> Any:
 
 
 def _pooling(model: str, folder: str) -> str:
-    config = _json(model, f"{folder}/config.json") or {}
+    config = _json(model, f"{folder}/config.json")
+    if config is None:
+        raise RecipeError(f"{model}: modules.json names a Pooling module in {folder or '.'}/, "
+                          f"but {folder}/config.json is missing")
     modes = config.get("pooling_mode")
     if modes is None:  # sentence-transformers < 5: one boolean key per mode
         modes = [k.removeprefix("pooling_mode_") for k, on in config.items()

@@ -112,6 +112,7 @@ def test_query_prompt_and_dense_layer_come_from_the_model(tiny_st_encoder, learn
      "include_prompt false"),
     (lambda p: _edit_modules(p, "sentence_transformers.models.LayerNorm"),
      "has a sentence_transformers.models.LayerNorm module"),
+    (lambda p: (p / "1_Pooling" / "config.json").unlink(), "1_Pooling/config.json is missing"),
 ])
 def test_a_recipe_that_cannot_be_honoured_is_refused(edit, message, tiny_st_encoder,
                                                      learnable_data, tmp_path, capsys):
