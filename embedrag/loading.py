@@ -101,8 +101,9 @@ def model_config(path: str, *, attention: str = "model", attention_dropout: floa
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if attention == "bidirectional":
         if hasattr(config, "use_bidirectional_attention"):
-            config.use_bidirectional_attention = True
-        config.is_causal = False
+            config.use_bidirectional_attention = True  # and nothing else: the model's own
+        else:
+            config.is_causal = False
     if attention_dropout >= 0:
         # Dropout on attention probabilities keeps CPUs and GPUs off their fused attention
         # kernels and draws a (batch, heads, length, length) random mask per layer.
