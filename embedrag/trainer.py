@@ -455,5 +455,8 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
                               "after": {k: v["after"] for k, v in m.items()}}))
         write_json(os.path.join(cfg.output_dir, "training_summary_report.json"), summary)
     logger.close()
+    trained_model = accelerator.unwrap_model(model)
+    model = optimizer = None  # DDP's reducer goes before the process group it talks through
+    accelerator.free_memory()
     accelerator.end_training()
-    return summary, accelerator.unwrap_model(model)
+    return summary, trained_model
