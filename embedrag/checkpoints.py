@@ -47,12 +47,13 @@ def save_model(accelerator: Any, model: Any, tokenizer: Any, training_config: di
     process writes."""
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        backbone = accelerator.unwrap_model(model).backbone
+        embedder = accelerator.unwrap_model(model)
         prefix = "backbone."
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         tmp = atomic_dir(path)
-        backbone.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        accelerator.unwrap_model(model).save_head(tmp)  # the model's Dense layers, if any
+        embedder.backbone.save_pretrained(
+            tmp, state_dict={k[len(prefix):]: v for k, v in state.items()
+                             if k.startswith(prefix)}, safe_serialization=True)
+        embedder.save_head(tmp, state)  # the model's Dense layers, if any
         tokenizer.save_pretrained(tmp)
         write_json(os.path.join(tmp, "training_config.json"), training_config)
         if extra is not None:
@@ -126,11 +127,17 @@ def resolve_checkpoint(output_dir: str, spec: str) -> str:
     return spec
 
 
+def read_step_state(path: str) -> dict[str, Any]:
+    """A step checkpoint's trainer_state.json: the position and the flags it was written with,
+    read before any tensor is loaded so that a different job is refused by name first."""
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_step_checkpoint(path: str, model: Any, optimizer: Any,
-                         scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+                         scheduler: Any) -> dict[str, Any]:
     """Load weights, optimizer and scheduler into the (unwrapped) model and the prepared
-    optimizer; return (trainer state, RNG states of every process, to restore when the loop
-    resumes)."""
+    optimizer; return the RNG states of every process, to restore when the loop resumes."""
     from safetensors.torch import load_file
 
     backbone = model.backbone
@@ -157,8 +164,7 @@ def load_step_checkpoint(path: str, model: Any, optimizer: Any,
     blob = torch.load(os.path.join(path, TENSORS_FILE), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        return json.load(f), blob["rng"]
+    return blob["rng"]
 
 
 # --- the output folder ---

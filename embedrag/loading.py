@@ -278,6 +278,7 @@ def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base_path = ((config or {}).get("base_model") or adapter["base_model_name_or_path"]
                  if adapter else path)
+    check_remote_code(base_path, trust_remote_code)  # an adapter's base may ship code too
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
                               "config": model_config(
                                   base_path, attention=(config or {}).get("attention", "model"),
@@ -285,7 +286,7 @@ def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str 
     if adapter and (config or {}).get("finetune_type") == "qlora":
         kwargs["quantization_config"] = quantization_config(config["quantization_bits"], dtype)
         kwargs["device_map"] = {"": quantized_device(torch.device(device))}
-    with shipped_code_errors(path, trust_remote_code):
+    with shipped_code_errors(base_path, trust_remote_code):
         backbone = AutoModel.from_pretrained(base_path, **kwargs)
     match_training_kernels(backbone)
     if adapter:

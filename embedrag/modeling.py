@@ -83,10 +83,15 @@ class EmbeddingModel(nn.Module):
             pooled = self.head(pooled.to(next(self.head.parameters()).dtype))  # (N, D)
         return F.normalize(pooled.float(), p=2, dim=-1)
 
-    def save_head(self, folder: str) -> None:
-        """The Dense modules, each in its sentence-transformers folder under `folder`."""
-        for name, module in zip(self.head_names, self.head or [], strict=True):
-            module.save(os.path.join(folder, name))
+    def save_head(self, folder: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The Dense modules, each in its sentence-transformers folder under `folder`; with
+        `state` (this model's whole state dict, gathered from sharded weights under DeepSpeed
+        ZeRO-3 or FSDP) the weights come from there rather than from the local parameters."""
+        for i, (name, module) in enumerate(zip(self.head_names, self.head or [], strict=True)):
+            prefix = f"head.{i}."
+            own = None if state is None else {k[len(prefix):]: v for k, v in state.items()
+                                               if k.startswith(prefix)}
+            module.save(os.path.join(folder, name), own)
 
     @torch.no_grad()
     def encode(self, tokenizer: Any, texts: list[str], **kwargs: Any) -> torch.Tensor:
@@ -130,7 +135,8 @@ def encode_with(model: nn.Module, tokenizer: Any, texts: list[str], *, max_len: 
         width = max(len(r) for r in rows)
         dim = int(accelerator.gather(torch.tensor([local.shape[1]], device=device)).max())
         padded = torch.zeros((width, dim), device=device)
-        padded[: local.shape[0]] = local
+        if local.shape[0]:  # a process may have had no batch at all (a small eval set)
+            padded[: local.shape[0]] = local
         every = accelerator.gather(padded).view(world, width, dim)           # (W, width, D)
         local = torch.cat([every[r, : len(rows[r])] for r in range(world)])
     if not ids:

@@ -181,7 +181,8 @@ class Dense(nn.Module):
         dense.load_state_dict(state)
         return dense
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        """config.json + model.safetensors; `state` replaces this module's own weights."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -191,7 +192,8 @@ class Dense(nn.Module):
                   "activation_function": self.activation_name}
         with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+        state = self.state_dict() if state is None else state
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
                   os.path.join(path, "model.safetensors"))
 
 

@@ -18,6 +18,7 @@ from embedrag.checkpoints import (
     check_resumable,
     clear_previous_run,
     load_step_checkpoint,
+    read_step_state,
     resolve_checkpoint,
     restore_rng,
     save_model,
@@ -175,7 +176,7 @@ def forward_backward(accelerator: Any, model: Any, batch: dict[str, torch.Tensor
 def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example] | None = None,
           ) -> tuple[dict[str, Any], EmbeddingModel]:
     """Train, save and return (summary report, the trained EmbeddingModel)."""
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedType, broadcast_object_list, set_seed
     from transformers import AutoConfig
 
     if cfg.mixed_precision == "auto":
@@ -225,6 +226,9 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     check_output_dir(cfg)
     resume_from = (resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
                    if cfg.resume_from_checkpoint else None)
+    saved = read_step_state(resume_from) if resume_from else None
+    if saved:  # the same job, or refused by name before any weight is loaded
+        check_resumable(cfg, saved["train_args"], world, saved["state"].get("world_size", world))
 
     # --- model, optimizer, schedule ---
     backbone, info = load_backbone(cfg, accelerator.device)
@@ -232,9 +236,12 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     if head is not None:
         head.to(accelerator.device).requires_grad_(cfg.finetune_type == "full")
     model = EmbeddingModel(backbone, cfg.pooling, head, recipe.dense)
-    with shipped_code_errors(cfg.model_name_or_path, cfg.trust_remote_code), \
-            accelerator.autocast():
-        unused = freeze_unreached(model, tokenizer)  # also the model's first forward pass
+    unused = []
+    # Not for mixtures of experts: two tokens reach only the experts they are routed to.
+    if not routes_experts(model_config):
+        with shipped_code_errors(cfg.model_name_or_path, cfg.trust_remote_code), \
+                accelerator.autocast():
+            unused = freeze_unreached(model, tokenizer)  # also the model's first forward
     if unused:
         say(f"note: {len(unused)} parameter tensor(s) the embedding does not use are frozen "
             f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")
@@ -265,11 +272,9 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     # --- where the run stands: fresh, or as a step checkpoint left it ---
     state = RunState(world_size=world)
     rngs = None
-    if resume_from:
-        saved, rngs = load_step_checkpoint(resume_from, accelerator.unwrap_model(model),
-                                           optimizer, scheduler)
-        check_resumable(cfg, saved["train_args"], world,
-                        saved["state"].get("world_size", world))
+    if saved:
+        rngs = load_step_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer,
+                                    scheduler)
         state = RunState.from_dict(saved["state"])
         say(f"resuming from {resume_from}: step {state.step}, epoch {state.epoch}, "
             f"{state.micro} batches into it")
@@ -303,8 +308,11 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     def checkpoint(path: str, snap: tuple[RunState, Sums]) -> None:
         """Write a step checkpoint of the state `snap` describes (every process calls it)."""
         at, sums = snap
+        # Loss sums as their mean over the processes: each resumes from it, and the mean of
+        # (mean + its own new sum) over processes is what an uninterrupted run logs.
         position = dataclasses.replace(
-            at, window_loss=sums.window_loss.item(), epoch_loss=sums.epoch_loss.item(),
+            at, window_loss=accelerator.reduce(sums.window_loss, "mean").item(),
+            epoch_loss=accelerator.reduce(sums.epoch_loss, "mean").item(),
             tokens=at.tokens + int(sums.tokens) * world,
             elapsed_s=at.elapsed_s + time.perf_counter() - start)
         save_step_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, train_config,
@@ -314,16 +322,25 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
 
     def stop_on_nonfinite(good: tuple[RunState, Sums]) -> None:
         """Save the state before the bad step (weights and optimizer are not yet touched by
-        it) unless a step checkpoint of it exists, then stop with a message naming the step."""
+        it) unless a step checkpoint of it exists, then stop with a message naming the step.
+        Sharded runs (DeepSpeed, FSDP) cannot resume from a step checkpoint, and DeepSpeed's
+        engine steps inside backward: they just stop."""
         at = good[0]
-        path = os.path.join(cfg.output_dir, f"checkpoint-step-{at.step}")
-        if not os.path.isdir(path):  # the same answer on every process: they share the folder
-            checkpoint(path, good)
         bar.close()  # the message goes on a line of its own
+        where = f"the loss is not finite at step {at.step + 1} (epoch {at.epoch})"
+        if sharded:
+            raise NonFiniteLossError(f"{where}; stopped without a step checkpoint (DeepSpeed "
+                                     "and FSDP runs restart from their own checkpoints): lower "
+                                     "--lr, check the data or the precision")
+        path = os.path.join(cfg.output_dir, f"checkpoint-step-{at.step}")
+        # The main process decides for all: on several machines the folders may differ.
+        exists = broadcast_object_list([os.path.isdir(path) if main else None])[0]
+        if not exists:
+            checkpoint(path, good)
         raise NonFiniteLossError(
-            f"the loss is not finite at step {at.step + 1} (epoch {at.epoch}); that step was "
-            f"not applied. The last good state is in {path}: lower --lr, check the data or "
-            f"the precision, then continue with --resume_from_checkpoint {path}")
+            f"{where}; that step was not applied. The last good state is in {path}: lower "
+            f"--lr, check the data or the precision, then continue with "
+            f"--resume_from_checkpoint {path}")
 
     if not resume_from:
         state.evals["before"] = run_eval(0)

@@ -221,8 +221,11 @@ def test_a_failing_worker_is_reported_once_with_its_exit_code(tiny_decoder, lear
 
 def test_resume_mid_epoch_two_on_two_processes_equals_the_uninterrupted_run(
         tiny_decoder, learnable_data, tmp_path):
+    """Also: an eval set of 3 rows leaves process 1 without a single eval batch."""
+    small_eval = write_jsonl(tmp_path / "eval.jsonl", learnable_rows(3))
     common = ["--finetune_type", "lora", "--lora_r", "4", "--lora_alpha", "8", "--lr", "5e-3",
-              "--lora_dropout", "0.2", "--neg_nums", "2", "--epochs", "2", "--save_steps", "2"]
+              "--lora_dropout", "0.2", "--neg_nums", "2", "--epochs", "2", "--save_steps", "2",
+              "--eval_dataset", small_eval]
     whole = tmp_path / "whole"
     assert train_script.main(_flags(tiny_decoder, learnable_data, whole, 2, *common,
                                     "--num_processes", "2")) == 0
@@ -236,6 +239,9 @@ def test_resume_mid_epoch_two_on_two_processes_equals_the_uninterrupted_run(
     assert_same_weights(_weights(whole / "final"), _weights(resumed / "final"), atol=1e-6)
     assert [r["loss"] for r in _logged(resumed)] == pytest.approx(
         [r["loss"] for r in _logged(whole)][8:], abs=1e-6)
+    epochs = [_logged(d, "training_losses.json") for d in (whole, resumed)]
+    assert epochs[1][-1]["mean_loss"] == pytest.approx(epochs[0][-1]["mean_loss"], abs=1e-6)
+    assert epochs[1][-1]["eval"] == pytest.approx(epochs[0][-1]["eval"], abs=1e-6)
 
 
 def test_spawning_needs_no_launcher_and_a_launcher_decides_itself(monkeypatch):

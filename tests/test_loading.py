@@ -46,6 +46,10 @@ def test_shipped_code_is_refused_unless_trusted_then_trains(tiny_decoder, learna
     assert merge_script.main(["--base_model_path", model, "--lora_adapter_path",
                               str(out / "final"), "--output_path", str(tmp_path / "m")]) == 2
     assert "ShippedQwen2Model" in capsys.readouterr().err
+    # the adapter folder has no code of its own; its base's is checked all the same
+    assert evaluate_script.main(["--model_path", str(out / "final"), "--eval_dataset",
+                                 learnable_data]) == 2
+    assert "ShippedQwen2Model" in capsys.readouterr().err
 
 
 def test_shipped_code_that_fails_is_one_line(tiny_decoder, learnable_data, tmp_path, capsys):

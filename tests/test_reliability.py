@@ -237,7 +237,9 @@ def test_resume_from_any_epoch_equals_an_uninterrupted_run(tiny_decoder, learnab
                          (["--temperature", "0.1"], "--temperature 0.05 -> 0.1"),
                          (["--append_eos", "no"], "--append_eos 'auto' -> 'no'"),
                          (["--mixed_precision", "bf16"], "--mixed_precision 'no' -> 'bf16'"),
-                         (["--warmup_proportion", "0.2"], "--warmup_proportion 0.05 -> 0.2")):
+                         (["--warmup_proportion", "0.2"], "--warmup_proportion 0.05 -> 0.2"),
+                         (["--lora_r", "8"], "--lora_r 4 -> 8"),
+                         (["--finetune_type", "full"], "--finetune_type 'lora' -> 'full'")):
         code = run_train(tiny_decoder, learnable_data, tmp_path / "refused", *args, *flags,
                          "--resume_from_checkpoint", checkpoint)[0]
         err = capsys.readouterr().err
