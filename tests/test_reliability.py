@@ -103,6 +103,12 @@ def _cmd(model, data, out, kind, *extra, script="train.py"):
             *KINDS[kind], *extra]
 
 
+def _uninterrupted(model, data, out, kind):
+    """The reference run, in this process: run_train's flags are _cmd's."""
+    assert run_train(model, data, out, *KINDS[kind], "--save_steps", "3",
+                     "--save_on_epoch_end", "0")[0] == 0
+
+
 def _weights(folder):
     name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() \
         else "model.safetensors"
@@ -136,8 +142,7 @@ def _faulty(**faults):
 def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, tiny_decoder, learnable_data,
                                                          tmp_path):
     whole = tmp_path / "whole"
-    subprocess.run(_cmd(tiny_decoder, learnable_data, whole, kind), cwd=ROOT, env=ENV,
-                   check=True, capture_output=True)
+    _uninterrupted(tiny_decoder, learnable_data, whole, kind)
     cut = tmp_path / "cut"
     proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, kind, script=FAULTS),
                             cwd=ROOT, env=_faulty(sleep_per_step=0.3),
@@ -164,8 +169,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, tiny_decoder, lea
 def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tiny_decoder,
                                                                      learnable_data, tmp_path):
     whole = tmp_path / "whole"
-    subprocess.run(_cmd(tiny_decoder, learnable_data, whole, "lora"), cwd=ROOT, env=ENV,
-                   check=True, capture_output=True)
+    _uninterrupted(tiny_decoder, learnable_data, whole, "lora")
     cut = tmp_path / "cut"
     proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, "lora", script=FAULTS),
                             cwd=ROOT, env=_faulty(save_delay=30),
