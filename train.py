@@ -21,11 +21,12 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from embedrag.config import parse_args
     from embedrag.data import DataError, read_jsonl
+    from embedrag.inputs import load_rows
 
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
-    try:  # both files checked whole, before any model loads or any worker starts
-        examples = read_jsonl(cfg.train_dataset)
+    try:  # both inputs checked whole, before any model loads or any worker starts
+        rows = load_rows(cfg.train_dataset)  # memory-mapped Arrow, cached for the workers
         eval_examples = read_jsonl(cfg.eval_dataset) if cfg.eval_dataset else None
     except DataError as e:
         return fail([f"train.py: error: {line}" for line in str(e).splitlines()], 2)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         workers = workers_to_start(cfg.num_processes)
         if workers > 1:
             return run_workers(workers, os.path.abspath(__file__), argv)
-        train(cfg, examples, eval_examples)
+        train(cfg, rows, eval_examples)
     except (OutputDirError, DataError, LaunchError, ModelError, RecipeError, OSError,
             pickle.UnpicklingError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]

@@ -36,7 +36,8 @@ class TrainConfig:
     # --- the seed's flags (names and defaults as the user wrote them) ---
     model_name_or_path: str = _flag("Base model: a local Hugging Face folder or a hub id.")
     train_dataset: str = _flag(
-        'Training JSONL, one {"query", "pos": [...], "neg": [...]} per line.')
+        'Training rows {"query", "pos": [...], "neg": [...]}: a JSONL file (one per line), a '
+        "Parquet file, a folder written by datasets' save_to_disk, or hub:ORG/NAME[:SPLIT].")
     output_dir: str = _flag("Where final/, checkpoints, JSON logs and runs/ (TensorBoard) go.")
     batch_size: int = _flag("Queries per optimizer micro-step on each process.")
     finetune_type: str = _flag(
@@ -104,6 +105,9 @@ class TrainConfig:
                                 default=0.0)
     seed: int = _flag("Seed for initialisation, shuffling and negative sampling.", default=42)
     num_workers: int = _flag("DataLoader worker processes.", default=0)
+    preprocessing_num_workers: int = _flag(
+        "Processes that tokenize the training rows (datasets' map; cached, so a second run "
+        "with the same data and tokenizer skips it). 0: this process.", default=0)
     max_steps: int = _flag("Stop after this many optimizer steps (0 = run all epochs).", default=0)
     logging_steps: int = _flag("Write a log record every N optimizer steps.", default=1)
     eval_dataset: str = _flag(
@@ -200,7 +204,8 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ["neg_nums", "max_steps", "num_workers", "max_grad_norm", "weight_decay",
-                 "save_steps", "save_total_limit", "grad_cache_chunk_size", "num_processes"]:
+                 "save_steps", "save_total_limit", "grad_cache_chunk_size", "num_processes",
+                 "preprocessing_num_workers"]:
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.temperature <= 0:
@@ -219,10 +224,12 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
 
     if (problem := check_world_size(cfg.num_processes)) is not None:
         problems.append(problem)
-    for flag in ("train_dataset", "eval_dataset"):
-        path = getattr(cfg, flag)
-        if (path or flag == "train_dataset") and not os.path.isfile(path):
-            problems.append(f"--{flag} {path}: no such file")
+    from embedrag.inputs import exists
+
+    if not exists(cfg.train_dataset):
+        problems.append(f"--train_dataset {cfg.train_dataset}: no such file or folder")
+    if cfg.eval_dataset and not os.path.isfile(cfg.eval_dataset):
+        problems.append(f"--eval_dataset {cfg.eval_dataset}: no such file")
     model = cfg.model_name_or_path
     hub_id = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", model) is not None
     if not os.path.isdir(model) and not hub_id:

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 MAX_REPORTED_PROBLEMS = 5
@@ -29,7 +30,7 @@ class Example:
     line: int
 
 
-def _check_row(obj: Any) -> str | None:
+def check_row(obj: Any) -> str | None:
     """What is wrong with one parsed row, or None."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
@@ -82,7 +83,7 @@ def read_jsonl(path: str) -> list[Example]:
         except json.JSONDecodeError as e:
             problems.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
             continue
-        problem = _check_row(obj)
+        problem = check_row(obj)
         if problem:
             problems.append(f"{path}:{lineno}: {problem}")
             continue
@@ -127,65 +128,82 @@ def pad(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, to
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """Rows with their texts tokenized once; item i is query i with this epoch's draw of one
-    positive and `neg_nums` negatives, as indices into the table of distinct passages."""
+    """Rows tokenized once into Arrow; item i is query i with this epoch's draw of one
+    positive and `neg_nums` negatives, as numbers of the distinct passages (`PassageTable`).
 
-    def __init__(self, examples: list[Example], tokenizer: Any, *, neg_nums: int,
-                 query_max_len: int, passage_max_len: int, query_instruction: str,
-                 append_eos: bool, seed: int, source: str = "data",
-                 passage_instruction: str = ""):
+    `rows` is what `embedrag.inputs.load_rows` returns (memory-mapped Arrow), or a list of
+    Examples (small sets, tests). Tokenization runs through `Dataset.map` in `num_proc`
+    processes and is cached; an epoch only re-draws numbers."""
+
+    def __init__(self, rows: Any, tokenizer: Any, *, neg_nums: int, query_max_len: int,
+                 passage_max_len: int, query_instruction: str, append_eos: bool, seed: int,
+                 source: str = "data", passage_instruction: str = "",
+                 num_proc: int | None = None):
+        from embedrag.passages import PassageTable, encode
+
         self.neg_nums = neg_nums
         self.seed = seed
         self.epoch = 0
-        passage_index: dict[str, int] = {}
-        for ex in examples:
-            for text in ex.pos + ex.neg:
-                passage_index.setdefault(text, len(passage_index))
-        self.passages = list(passage_index)
-        self.pos = [[passage_index[t] for t in dict.fromkeys(ex.pos)] for ex in examples]
-        # Everything relevant to a query text, over all its rows: data with one row per
-        # (query, positive) pair must not treat the query's other positives as negatives.
-        relevant: dict[str, set[int]] = {}
-        for ex, pos in zip(examples, self.pos, strict=True):
-            relevant.setdefault(ex.query, set()).update(pos)
-        self.relevant = [sorted(relevant[ex.query]) for ex in examples]
-        # A "negative" that is also relevant to the query would teach the wrong thing.
-        self.neg = [[passage_index[t] for t in dict.fromkeys(ex.neg)
-                     if passage_index[t] not in relevant[ex.query]] for ex in examples]
-        self.short_rows = sum(len(n) < neg_nums for n in self.neg)
-        for ex, rel in zip(examples, self.relevant, strict=True):
-            if len(self.passages) - len(rel) < neg_nums:
-                raise DataError(f"{source}:{ex.line}: only {len(self.passages) - len(rel)} "
-                                f"passages in the file are not positives of this query; "
-                                f"--neg_nums {neg_nums} needs {neg_nums}")
-        queries = [query_instruction + ex.query for ex in examples]
-        self.query_ids = tokenize(tokenizer, queries, query_max_len, append_eos)
-        self.passage_ids = tokenize(tokenizer, [passage_instruction + p for p in self.passages],
-                                    passage_max_len, append_eos)
+        self.rows = encode(rows_dataset(rows), tokenizer, query_max_len=query_max_len,
+                           passage_max_len=passage_max_len, query_instruction=query_instruction,
+                           passage_instruction=passage_instruction, append_eos=append_eos,
+                           num_proc=num_proc)
+        self.table = PassageTable(self.rows)
+        self.short_rows = int((self.table.own_negative_counts() < neg_nums).sum())
+        room = self.table.size - self.table.relevant_counts()
+        if (short := np.flatnonzero(room < neg_nums)).size:
+            row = int(short[0])
+            raise DataError(f"{source}:{self.rows[row]['line']}: only {int(room[row])} "
+                            f"passages in the file are not positives of this query; "
+                            f"--neg_nums {neg_nums} needs {neg_nums}")
+        self._query_tokens = self.rows.data.column("query_ids")
 
     def __len__(self) -> int:
-        return len(self.pos)
+        return len(self.rows)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def query_tokens(self, row: int) -> list[int]:
+        return self._query_tokens[row].as_py()
+
+    def passage_tokens(self, number: int) -> list[int]:
+        return self.table.tokens(number)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         # One generator per (seed, epoch, row): the draw does not depend on batch order,
         # worker count or process count, so runs are reproducible and resumable.
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
-        pos = rng.choice(self.pos[i])
-        own = self.neg[i]
+        pos = rng.choice(self.table.positives(i))
+        own = self.table.negatives(i)
+        relevant = self.table.relevant(i)
         if len(own) >= self.neg_nums:
             negs = rng.sample(own, self.neg_nums)
         else:
             negs = list(own)
-            banned = set(self.relevant[i]) | set(own)
+            banned = set(relevant) | set(own)
             while len(negs) < self.neg_nums:
-                cand = rng.randrange(len(self.passages))
+                cand = rng.randrange(self.table.size)
                 if cand not in banned:
                     negs.append(cand)
                     banned.add(cand)
-        return {"row": i, "pos": pos, "negs": negs, "pos_set": self.relevant[i]}
+        return {"row": i, "pos": pos, "negs": negs, "pos_set": relevant}
+
+
+def rows_dataset(rows: Any) -> Any:
+    """A datasets.Dataset of rows (query, pos, neg, line), from Examples if need be."""
+    import datasets
+
+    if not isinstance(rows, list):
+        return rows
+    features = datasets.Features({
+        "query": datasets.Value("string"),
+        "pos": datasets.Sequence(datasets.Value("string")),
+        "neg": datasets.Sequence(datasets.Value("string")),
+        "line": datasets.Value("int64")})
+    return datasets.Dataset.from_dict(
+        {"query": [ex.query for ex in rows], "pos": [ex.pos for ex in rows],
+         "neg": [ex.neg for ex in rows], "line": [ex.line for ex in rows]}, features=features)
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -226,13 +244,13 @@ class Collator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         passages = [p for it in items for p in [it["pos"], *it["negs"]]]  # row-major
-        q_ids, q_mask = pad([self.data.query_ids[it["row"]] for it in items], self.pad_id,
+        q_ids, q_mask = pad([self.data.query_tokens(it["row"]) for it in items], self.pad_id,
                             self.padding_side)
         # A passage drawn twice in a batch (one query's negative is another's positive) is
         # embedded once: `passage_index` maps each of the B*G slots to its distinct passage.
         distinct = list(dict.fromkeys(passages))
         slot = {p: i for i, p in enumerate(distinct)}
-        p_ids, p_mask = pad([self.data.passage_ids[p] for p in distinct], self.pad_id,
+        p_ids, p_mask = pad([self.data.passage_tokens(p) for p in distinct], self.pad_id,
                             self.padding_side)
         # Passage ids and each query's relevant ids travel with the batch, so the mask can be
         # built against the passages of every process when negatives are shared across them.

@@ -173,9 +173,10 @@ def forward_backward(accelerator: Any, model: Any, batch: dict[str, torch.Tensor
                            no_sync=lambda: accelerator.no_sync(model))
 
 
-def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example] | None = None,
+def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = None,
           ) -> tuple[dict[str, Any], EmbeddingModel]:
-    """Train, save and return (summary report, the trained EmbeddingModel)."""
+    """Train on `rows` (embedrag.inputs.load_rows, or a list of Examples), save, and return
+    (summary report, the trained EmbeddingModel)."""
     from accelerate.utils import DistributedType, broadcast_object_list, set_seed
     from transformers import AutoConfig
 
@@ -206,11 +207,13 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
                                   for name in DEFAULTS))
 
     # --- data: tokenized once; an epoch re-draws the order and the negatives ---
-    data = TrainingSet(examples, tokenizer, neg_nums=cfg.neg_nums,
-                       query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
-                       query_instruction=cfg.query_instruction,
-                       passage_instruction=cfg.passage_instruction, append_eos=append_eos,
-                       seed=cfg.seed, source=cfg.train_dataset)
+    with accelerator.main_process_first():  # one process tokenizes, the others read its cache
+        data = TrainingSet(rows, tokenizer, neg_nums=cfg.neg_nums,
+                           query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
+                           query_instruction=cfg.query_instruction,
+                           passage_instruction=cfg.passage_instruction, append_eos=append_eos,
+                           seed=cfg.seed, source=cfg.train_dataset,
+                           num_proc=cfg.preprocessing_num_workers or None)
     if data.short_rows:
         say(f"note: {data.short_rows} of {len(data)} rows have fewer than {cfg.neg_nums} "
             "negatives; they are topped up with other rows' passages")
@@ -286,7 +289,7 @@ def train(cfg: TrainConfig, examples: list[Example], eval_examples: list[Example
     logger = RunLogger(cfg.output_dir, enabled=main, resume_epoch=state.epoch,
                        resume_step=state.step if resume_from else None)
     say(f"embedrag: {cfg.finetune_type} on {cfg.model_name_or_path} | {len(data)} rows, "
-        f"{len(data.passages)} passages | {world} process(es) x batch {cfg.batch_size} x accum "
+        f"{data.table.size} passages | {world} process(es) x batch {cfg.batch_size} x accum "
         f"{accum} | {total_steps} steps ({warmup_steps} warmup) | "
         f"trainable {trainable:,} of {total:,} params | append_eos={append_eos}")
 

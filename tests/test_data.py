@@ -77,9 +77,9 @@ def test_draws_are_deterministic_per_epoch_and_vary_across_epochs(tok):
     data.set_epoch(1)
     assert first != [data[i] for i in range(len(data))]
     for i, item in enumerate(first):
-        assert data.passages[item["pos"]] in learnable_rows()[i]["pos"]
+        assert data.table.text(item["pos"]) in learnable_rows()[i]["pos"]
         assert len(set(item["negs"])) == 2
-        assert all(data.passages[n] in learnable_rows()[i]["neg"] for n in item["negs"])
+        assert all(data.table.text(n) in learnable_rows()[i]["neg"] for n in item["negs"])
 
 
 def test_short_rows_are_topped_up_from_other_rows_never_with_own_positive(tok):
@@ -91,7 +91,7 @@ def test_short_rows_are_topped_up_from_other_rows_never_with_own_positive(tok):
         data.set_epoch(epoch)
         for i in range(6):
             item = data[i]
-            texts = [data.passages[n] for n in item["negs"]]
+            texts = [data.table.text(n) for n in item["negs"]]
             assert len(set(texts)) == 3 and not set(texts) & {f"p{i}", f"p{i}b"}
             if i % 2 == 0:
                 assert f"n{i}" in texts  # own negatives come first
@@ -99,9 +99,10 @@ def test_short_rows_are_topped_up_from_other_rows_never_with_own_positive(tok):
 
 def test_texts_are_tokenized_once_with_instruction(tok):
     data = _set(learnable_rows(4), tok)
-    assert data.query_ids[0] == tok("Query: " + learnable_rows(4)[0]["query"])["input_ids"] + [
+    assert data.query_tokens(0) == tok("Query: " + learnable_rows(4)[0]["query"])["input_ids"] + [
         tok.eos_token_id]
-    assert len(data.passage_ids) == len(data.passages)
+    assert data.passage_tokens(0) == tok(learnable_rows(4)[0]["pos"][0])["input_ids"] + [
+        tok.eos_token_id]
 
 
 def test_collator_orders_passages_and_masks_false_negatives(tok):
@@ -111,7 +112,7 @@ def test_collator_orders_passages_and_masks_false_negatives(tok):
     data = _set(rows, tok, neg_nums=1)
     items = [data[i] for i in range(3)]
     batch = Collator(data, tok.pad_token_id, "right")(items)
-    texts = [data.passages[i] for i in batch["passage_ids"].tolist()]
+    texts = [data.table.text(i) for i in batch["passage_ids"].tolist()]
     assert texts[2:] == ["shared", "n1", "p2", "p0"]
     want = torch.zeros(3, 6, dtype=torch.bool)
     for i, row in enumerate(rows):
@@ -119,8 +120,8 @@ def test_collator_orders_passages_and_masks_false_negatives(tok):
             want[i, j] = t in row["pos"] and j != 2 * i
     mask = false_negative_mask(batch["relevant_ids"], batch["passage_ids"], torch.arange(3) * 2)
     assert torch.equal(mask, want)
-    assert batch["passage_input_ids"].shape[1] == max(len(data.passage_ids[data.passages.index(t)])
-                                                      for t in texts)
+    assert batch["passage_input_ids"].shape[1] == max(
+        len(data.passage_tokens(n)) for n in batch["passage_ids"].tolist())
 
 
 def test_not_enough_passages_is_a_clear_error(tok):
@@ -137,8 +138,8 @@ def test_rows_sharing_a_query_share_their_positives(tok):
             {"query": "q", "pos": ["b"], "neg": ["a", "y"]},
             {"query": "r", "pos": ["c"], "neg": ["a"]}]
     data = _set(rows, tok, neg_nums=1)
-    assert [data.passages[n] for n in data.neg[0]] == ["x"]  # "b" is relevant to "q"
-    assert [data.passages[n] for n in data.neg[1]] == ["y"]
+    assert [data.table.text(n) for n in data.table.negatives(0)] == ["x"]  # "b" is relevant
+    assert [data.table.text(n) for n in data.table.negatives(1)] == ["y"]
     batch = Collator(data, tok.pad_token_id, "right")([data[0], data[1], data[2]])
     mask = false_negative_mask(batch["relevant_ids"], batch["passage_ids"], torch.arange(3) * 2)
     # passages: a, x, b, y, c, a -> for query 0, "b" (j=2) and the second "a" (j=5) are masked
@@ -184,3 +185,54 @@ def test_duplicate_passages_are_embedded_once_with_the_same_loss_and_gradients(t
     assert abs(dedup_loss - full_loss) < 1e-5
     for name, g in full_grads.items():
         assert torch.allclose(dedup_grads[name], g, rtol=1e-4, atol=1e-5), name
+
+
+def test_arrow_training_set_reproduces_the_list_based_one(tok):
+    """Today's draws, exactly: the Arrow-backed set numbers passages, builds relevant sets and
+    negatives and draws them as the list-based one did (tests/reference_data.py), over several
+    epochs, with shared queries, repeated passages, a second positive and short rows."""
+    from embedrag.data import Example
+    from tests.reference_data import ListTrainingSet
+
+    rows = learnable_rows(24)
+    rows[3]["pos"] = rows[3]["pos"] + [rows[5]["pos"][0]]          # a positive seen elsewhere
+    rows.append({"query": rows[0]["query"], "pos": [rows[7]["pos"][0]], "neg": []})  # shared
+    rows.append({"query": "lonely", "pos": ["lonely answer"], "neg": [rows[2]["pos"][0]]})
+    ex = [Example(r["query"], r["pos"], r.get("neg", []), i + 1) for i, r in enumerate(rows)]
+    kw = {"neg_nums": 3, "query_max_len": 16, "passage_max_len": 16, "query_instruction": "Q: ",
+          "passage_instruction": "P: ", "append_eos": True, "seed": 5}
+    want, got = ListTrainingSet(ex, tok, **kw), TrainingSet(ex, tok, **kw)
+    assert got.table.size == len(want.passages) and got.short_rows == want.short_rows > 0
+    for epoch in (1, 2, 3):
+        want.set_epoch(epoch)
+        got.set_epoch(epoch)
+        assert [got[i] for i in range(len(ex))] == [want[i] for i in range(len(ex))]
+    assert [got.table.text(n) for n in range(got.table.size)] == want.passages
+    assert [got.passage_tokens(n) for n in range(got.table.size)] == want.passage_ids
+    assert [got.query_tokens(i) for i in range(len(ex))] == want.query_ids
+
+
+def test_inputs_in_every_format_give_the_same_rows(tmp_path):
+    """JSONL, Parquet and a save_to_disk folder load as the same Arrow rows; bad rows of a
+    Parquet file are named by row index, the first five, as JSONL's are by line."""
+    from embedrag.inputs import load_rows
+
+    path = write_jsonl(tmp_path / "d.jsonl", learnable_rows(6))
+    jsonl = load_rows(path)
+    assert jsonl["query"] == [r["query"] for r in learnable_rows(6)]
+    jsonl.select_columns(["query", "pos", "neg"]).to_parquet(str(tmp_path / "d.parquet"))
+    jsonl.save_to_disk(str(tmp_path / "saved"))
+    for other in (load_rows(str(tmp_path / "d.parquet")), load_rows(str(tmp_path / "saved"))):
+        assert other.select_columns(["query", "pos", "neg"]).to_list() == \
+            jsonl.select_columns(["query", "pos", "neg"]).to_list()
+    import datasets
+
+    bad = datasets.Dataset.from_dict({"query": ["q", "", "x", "", "", "", "", ""],
+                                      "pos": [["a"], ["b"], [], ["c"], ["d"], ["e"], ["f"], ["g"]]})
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError) as e:
+        load_rows(str(tmp_path / "bad.parquet"))
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{tmp_path / 'bad.parquet'}: row 1: 'query' is empty"
+    assert lines[1] == f"{tmp_path / 'bad.parquet'}: row 2: 'pos' is empty"
+    assert len(lines) == 6 and lines[-1].endswith("... and 2 more problem(s)")

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Training sets bigger than memory: peak RSS and time of a one-step run, by loader and size.
+
+    python benchmarks/large_data.py [--rows 10000 100000 1000000] [--old_commit 7b4946b]
+
+Synthetic rows like mined retrieval data (a query, 1 positive and 7 negatives of ~600
+characters: ~5 KB a row) go to a tiny LoRA model for one optimizer step. Each run is
+`train.py --max_steps 1` in its own process; the figures are that process's peak RSS and its
+wall time (load, check, tokenize, one step, save). The new loader runs twice — first with an
+empty datasets cache, then with the cache of the first run — and the loader before it (the
+in-memory one, from a git worktree of --old_commit) once, for sizes up to --old_up_to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RUNNER = """
+import resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
+print(code, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def synthesize(path: str, rows: int, seed: int = 0) -> None:
+    from tests.conftest import WORDS
+
+    rng = random.Random(seed)
+
+    def text(chars: int) -> str:
+        words = []
+        while sum(len(w) + 1 for w in words) < chars:
+            words.append(rng.choice(WORDS))
+        return " ".join(words)
+
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"query": text(60), "pos": [text(600)],
+                                "neg": [text(600) for _ in range(7)]}) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def measure(train_py: str, model: str, data: str, out: str, env: dict) -> dict:
+    cmd = [sys.executable, train_py, "--model_name_or_path", model, "--train_dataset", data,
+           "--output_dir", out, "--overwrite_output_dir", "--batch_size", "8",
+           "--finetune_type", "lora", "--max_steps", "1", "--save_on_epoch_end", "0",
+           "--query_max_len", "64", "--passage_max_len", "256"]
+    done = subprocess.run([sys.executable, "-c", RUNNER, *cmd], env=env, capture_output=True,
+                          text=True)
+    code, seconds, rss_kib = done.stdout.split()
+    return {"exit": int(code), "seconds": float(seconds), "peak_rss_mib": int(rss_kib) / 1024}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--old_commit", default="7b4946b")
+    p.add_argument("--old_up_to", type=int, default=100_000,
+                   help="run the old loader only up to this many rows (it held 200k rows "
+                        "in more than 24 GB)")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args()
+    work = args.workdir or tempfile.mkdtemp(prefix="large_data_")
+    os.makedirs(work, exist_ok=True)
+    from tests.conftest import build_tiny_decoder
+
+    model = os.path.join(work, "model")
+    if not os.path.isdir(model):
+        build_tiny_decoder(model)
+    old = os.path.join(work, "old")
+    if not os.path.isdir(old):
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", old, args.old_commit],
+                       check=True, capture_output=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results = []
+    for n in args.rows:
+        data = os.path.join(work, f"rows_{n}.jsonl")
+        if not os.path.isfile(data):
+            t = time.perf_counter()
+            synthesize(data, n)
+            print(f"{n} rows: {os.path.getsize(data) / 2**20:.0f} MiB of JSONL "
+                  f"({time.perf_counter() - t:.0f} s to write)", flush=True)
+        cache = os.path.join(work, f"cache_{n}")
+        subprocess.run(["rm", "-rf", cache], check=True)
+        runs = [("new, first run", os.path.join(ROOT, "train.py"), cache),
+                ("new, cached", os.path.join(ROOT, "train.py"), cache)]
+        if n <= args.old_up_to:
+            runs.append(("before (in memory)", os.path.join(old, "train.py"), cache))
+        for name, train_py, cache_dir in runs:
+            r = measure(train_py, model, data, os.path.join(work, "out"),
+                        {**env, "HF_DATASETS_CACHE": cache_dir})
+            results.append({"rows": n, "loader": name, **r})
+            print(f"{n:>9} rows  {name:20} exit {r['exit']}  {r['seconds']:8.1f} s  "
+                  f"peak RSS {r['peak_rss_mib']:8.0f} MiB", flush=True)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Where rows come from: JSONL, Parquet, a `save_to_disk` folder or a hub dataset, as
+memory-mapped Arrow through Hugging Face datasets.
+
+Reading a large JSONL into Python objects costs memory in the most expensive form there is
+(200k rows of mined negatives did not fit in 24 GB). Here every input becomes an Arrow table on
+disk that the process maps rather than holds: a JSONL file is checked and converted in one
+streaming pass (cached by its path, size and modification time, so a second run starts from
+the cache), the other formats are checked in Arrow batches. Every problem is reported as
+`file:line: what is wrong` for JSONL and `source: row N: what is wrong` for the others, the
+first five of them, before any model is loaded.
+
+    --train_dataset data.jsonl                 JSONL, one {"query", "pos", "neg"} per line
+    --train_dataset data.parquet               Parquet with those columns
+    --train_dataset path/to/saved              a folder written by Dataset.save_to_disk
+    --train_dataset hub:org/name[:split]       a dataset on the hub (split "train" by default)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from embedrag.data import MAX_REPORTED_PROBLEMS, DataError, check_row
+
+HUB = "hub:"
+COLUMNS = ("query", "pos", "neg")
+
+
+def _raise(problems: list[str], total: int, source: str) -> None:
+    shown = problems[:MAX_REPORTED_PROBLEMS]
+    if total > len(shown):
+        shown.append(f"{source}: ... and {total - len(shown)} more problem(s)")
+    raise DataError("\n".join(shown))
+
+
+def _jsonl_rows(path: str):
+    """Checked rows of a JSONL file, streamed; DataError at the end if any line was bad."""
+    problems, count, rows = [], 0, 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 text (byte {e.start} of the line)"
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problem = f"not valid JSON ({e.msg} at column {e.colno})"
+                else:
+                    problem = check_row(obj)
+            if problem:
+                count += 1
+                if len(problems) < MAX_REPORTED_PROBLEMS:
+                    problems.append(f"{path}:{lineno}: {problem}")
+                continue
+            rows += 1
+            yield {"query": obj["query"], "pos": list(obj["pos"]),
+                   "neg": list(obj.get("neg") or []), "line": lineno}
+    if count:
+        _raise(problems, count, path)
+    if not rows:
+        raise DataError(f"{path}:1: the file holds no training rows")
+
+
+def _from_jsonl(path: str) -> Any:
+    import datasets
+
+    stat = os.stat(path)
+    features = datasets.Features({
+        "query": datasets.Value("string"),
+        "pos": datasets.Sequence(datasets.Value("string")),
+        "neg": datasets.Sequence(datasets.Value("string")),
+        "line": datasets.Value("int64")})
+    # The cache key is the file's identity; a changed file is converted (and checked) again.
+    try:
+        return datasets.Dataset.from_generator(
+            _jsonl_rows, features=features, gen_kwargs={"path": os.path.abspath(path)},
+            fingerprint=_stamp(os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+    except Exception as e:  # datasets wraps what the generator raised
+        cause = e
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _stamp(*parts: Any) -> str:
+    import hashlib
+
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+
+
+def _check_arrow(ds: Any, source: str) -> Any:
+    """Columns and rows of a non-JSONL input, checked batch by batch (row indices, 0-based)."""
+    missing = [c for c in ("query", "pos") if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{source}: no '{missing[0]}' column (columns: "
+                        f"{', '.join(ds.column_names)})")
+    if "neg" not in ds.column_names:
+        ds = ds.add_column("neg", [[]] * len(ds))
+    ds = ds.select_columns(list(COLUMNS))
+    problems, count = [], 0
+    for start in range(0, len(ds), 10_000):
+        batch = ds[start:start + 10_000]
+        for offset, row in enumerate(zip(*(batch[c] for c in COLUMNS), strict=True)):
+            problem = check_row(dict(zip(COLUMNS, row, strict=True)))
+            if problem:
+                count += 1
+                if len(problems) < MAX_REPORTED_PROBLEMS:
+                    problems.append(f"{source}: row {start + offset}: {problem}")
+    if count:
+        _raise(problems, count, source)
+    if not len(ds):
+        raise DataError(f"{source}: no training rows")
+    return ds.add_column("line", list(range(len(ds))))
+
+
+def load_rows(spec: str) -> Any:
+    """A checked `datasets.Dataset` with columns query, pos, neg and line (the JSONL line, or
+    the row index for other formats); DataError naming the problems otherwise."""
+    import datasets
+
+    if spec.startswith(HUB):
+        name, _, split = spec[len(HUB):].partition(":")
+        try:
+            ds = datasets.load_dataset(name, split=split or "train")
+        except Exception as e:  # not reachable offline, no such dataset or split
+            raise DataError(f"{spec}: cannot load ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        return _check_arrow(ds, spec)
+    if os.path.isdir(spec):
+        ds = datasets.load_from_disk(spec)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{spec}: a DatasetDict without a 'train' split "
+                                f"({', '.join(ds)}); save the split you mean")
+            ds = ds["train"]
+        return _check_arrow(ds, spec)
+    if spec.endswith(".parquet"):
+        return _check_arrow(datasets.load_dataset("parquet", data_files=spec, split="train"),
+                            spec)
+    return _from_jsonl(spec)
+
+
+def exists(spec: str) -> bool:
+    """Whether the flag names something loadable at all (hub ids are checked when loaded)."""
+    return spec.startswith(HUB) or os.path.isfile(spec) or os.path.isdir(spec)
