@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_path", required=True,
                    help="Model folder or hub id: base, merged, full fine-tune or adapter.")
-    p.add_argument("--eval_dataset", required=True, help="JSONL with query/pos/neg rows.")
+    p.add_argument("--eval_dataset", required=True,
+                   help="JSONL with query/pos/neg rows, or a folder in the BEIR layout "
+                        "(corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) as MTEB uses.")
+    p.add_argument("--split", default="test", help="BEIR folders: the qrels split to score.")
     p.add_argument("--pooling", choices=["last", "mean", "cls"], default=None,
                    help="Default: training_config.json's, else the model's own "
                         "(sentence-transformers config), else last.")
@@ -59,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.exit(2, f"evaluate.py: error: --{name} must be positive, got {value}\n")
-    if not os.path.isfile(args.eval_dataset):
-        parser.exit(2, f"evaluate.py: error: --eval_dataset {args.eval_dataset}: no such file\n")
+    from embedrag.beir import evaluate_beir, is_beir
+
+    beir = is_beir(args.eval_dataset)
+    if beir and not os.path.isfile(os.path.join(args.eval_dataset, "qrels", f"{args.split}.tsv")):
+        parser.exit(2, f"evaluate.py: error: --eval_dataset {args.eval_dataset}: no "
+                       f"qrels/{args.split}.tsv\n")
+    if not beir and not os.path.isfile(args.eval_dataset):
+        parser.exit(2, f"evaluate.py: error: --eval_dataset {args.eval_dataset}: no such file "
+                       "(nor a BEIR folder)\n")
 
     import torch
 
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from embedrag.loading import load_embedder
 
     try:
-        examples = read_jsonl(args.eval_dataset)
+        examples = None if beir else read_jsonl(args.eval_dataset)
     except DataError as e:
         for line in str(e).splitlines():
             print(f"evaluate.py: error: {line}", file=sys.stderr)
@@ -84,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"evaluate.py: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    metrics = evaluate(model, tokenizer, examples, settings, batch_size=args.batch_size,
-                       progress=True)
+    if beir:
+        metrics = evaluate_beir(model, tokenizer, args.eval_dataset, settings, split=args.split,
+                                batch_size=args.batch_size, progress=True)
+    else:
+        metrics = evaluate(model, tokenizer, examples, settings, batch_size=args.batch_size,
+                           progress=True)
     print(format_table({os.path.basename(os.path.normpath(args.model_path)): metrics}))
     if args.output_file:
         with open(args.output_file, "w", encoding="utf-8") as f:

@@ -55,26 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_corpus(path: str) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj.get("text"), str) or not obj["text"].strip():
-                    raise ValueError(f"{path}:{lineno}: needs a non-empty 'text' string")
-                texts.append(obj["text"])
-            else:
-                texts.append(line)
-    return list(dict.fromkeys(texts))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -91,17 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--output {args.output} exists; pass --overwrite to replace it")
 
     from embedrag.data import DataError, read_jsonl
+    from embedrag.inputs import TextColumn
     from embedrag.mining import bm25_scores, embedding_ranker, mine
 
     try:
         examples = read_jsonl(args.input)
-        corpus = (read_corpus(args.corpus) if args.corpus
+        corpus = (TextColumn(args.corpus) if args.corpus  # memory-mapped, read as needed
                   else list(dict.fromkeys(p for ex in examples for p in ex.pos)))
     except (DataError, ValueError, OSError) as e:
         return fail(str(e).splitlines()[0])
     queries = [ex.query for ex in examples]
     if args.bm25:
-        scores = bm25_scores(queries, corpus)
+        scores = bm25_scores(queries, list(corpus))
     else:
         scores = embedding_ranker(args.model_name_or_path, args.pooling, args.batch_size,
                                   args.trust_remote_code)(queries, corpus)

@@ -69,17 +69,25 @@ def _jsonl_rows(path: str):
 def _from_jsonl(path: str) -> Any:
     import datasets
 
-    stat = os.stat(path)
     features = datasets.Features({
         "query": datasets.Value("string"),
         "pos": datasets.Sequence(datasets.Value("string")),
         "neg": datasets.Sequence(datasets.Value("string")),
         "line": datasets.Value("int64")})
-    # The cache key is the file's identity; a changed file is converted (and checked) again.
+    return _arrow(_jsonl_rows, path, features)
+
+
+def _arrow(generator: Any, path: str, features: Any) -> Any:
+    """The rows `generator(path)` yields, as a cached Arrow dataset. The cache key is the file's
+    identity (path, size, modification time): a changed file is read and checked again."""
+    import datasets
+
+    stat = os.stat(path)
     try:
         return datasets.Dataset.from_generator(
-            _jsonl_rows, features=features, gen_kwargs={"path": os.path.abspath(path)},
-            fingerprint=_stamp(os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+            generator, features=features, gen_kwargs={"path": os.path.abspath(path)},
+            fingerprint=_stamp(generator.__name__, os.path.abspath(path), stat.st_size,
+                               stat.st_mtime_ns))
     except Exception as e:  # datasets wraps what the generator raised
         cause = e
         while cause is not None and not isinstance(cause, DataError):
@@ -150,3 +158,49 @@ def load_rows(spec: str) -> Any:
 def exists(spec: str) -> bool:
     """Whether the flag names something loadable at all (hub ids are checked when loaded)."""
     return spec.startswith(HUB) or os.path.isfile(spec) or os.path.isdir(spec)
+
+
+def _corpus_lines(path: str):
+    """Passages of a corpus file: JSONL with a 'text' field, or one passage a line."""
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj.get("text"), str) or not obj["text"].strip():
+                    raise DataError(f"{path}:{lineno}: needs a non-empty 'text' string")
+                line = obj["text"]
+            yield {"text": line}
+
+
+class TextColumn:
+    """The distinct passages of a corpus file, in memory-mapped Arrow: a sequence of strings
+    read one at a time, so a million passages never sit in Python at once."""
+
+    def __init__(self, path: str):
+        import datasets
+        import numpy as np
+
+        from embedrag.passages import text_hash
+
+        ds = _arrow(_corpus_lines, path, datasets.Features({"text": datasets.Value("string")}))
+        self.dataset = ds
+        self._column = ds.data.column("text")
+        hashes = np.fromiter((text_hash(t) for batch in ds.iter(10_000) for t in batch["text"]),
+                             dtype=np.int64, count=len(ds))
+        _, first = np.unique(hashes, return_index=True)
+        self.rows = np.sort(first)                     # distinct texts, in first-seen order
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> str:
+        return self._column[int(self.rows[i])].as_py()
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))

@@ -1,7 +1,8 @@
-"""Retrieval metrics with binary relevance, as BEIR and pytrec_eval define them.
+"""Retrieval metrics, as BEIR and pytrec_eval (trec_eval) define them.
 
-For a query with relevant set R and ranking d_1, d_2, ... (best first):
-    ndcg@k    = sum_{r<=k, d_r in R} 1/log2(r+1)  /  sum_{r<=min(|R|,k)} 1/log2(r+1)
+For a query with relevance grades g(d) (a set of relevant documents means grade 1 each), its
+relevant set R = {d : g(d) > 0}, and ranking d_1, d_2, ... (best first):
+    ndcg@k    = sum_{r<=k} g(d_r)/log2(r+1)  /  sum_{r<=k} g*_r/log2(r+1),  g* = grades sorted
     mrr@k     = 1 / (rank of the first relevant document), 0 if none in the top k
     recall@k  = |R in top k| / |R|
     map@k     = sum_{r<=k, d_r in R} precision@r  /  |R|
@@ -11,6 +12,7 @@ Each is averaged over queries. Ties in score are broken by corpus order.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -24,14 +26,19 @@ def rankings(scores: torch.Tensor, depth: int) -> torch.Tensor:
     return torch.sort(scores.float(), dim=1, descending=True, stable=True).indices[:, :depth]
 
 
-def query_metrics(ranked: list[int], relevant: set[int]) -> dict[str, float]:
-    """All METRICS for one query from its ranked corpus indices."""
-    hits = [doc in relevant for doc in ranked]
-    n_rel = len(relevant)
+def query_metrics(ranked: list[int], relevant: set[int] | Mapping[int, float],
+                  ) -> dict[str, float]:
+    """All METRICS for one query from its ranked corpus indices and its relevant documents
+    (a set, or grades by document: graded nDCG, the rest counts grades > 0)."""
+    grades = relevant if isinstance(relevant, Mapping) else dict.fromkeys(relevant, 1.0)
+    positive = {doc: g for doc, g in grades.items() if g > 0}
+    hits = [doc in positive for doc in ranked]
+    n_rel = len(positive)
 
-    def dcg(flags: list[bool]) -> float:
-        return sum(1.0 / math.log2(r + 2) for r, hit in enumerate(flags) if hit)
+    def dcg(gains: list[float]) -> float:
+        return sum(g / math.log2(r + 2) for r, g in enumerate(gains))
 
+    ideal = sorted(positive.values(), reverse=True)[:10]
     first = next((r for r, hit in enumerate(hits[:10]) if hit), None)
     ap, found = 0.0, 0
     for r, hit in enumerate(hits[:100]):
@@ -39,7 +46,7 @@ def query_metrics(ranked: list[int], relevant: set[int]) -> dict[str, float]:
             found += 1
             ap += found / (r + 1)
     return {
-        "ndcg@10": dcg(hits[:10]) / dcg([True] * min(n_rel, 10)),
+        "ndcg@10": dcg([positive.get(doc, 0.0) for doc in ranked[:10]]) / dcg(ideal),
         "mrr@10": 0.0 if first is None else 1.0 / (first + 1),
         "recall@1": sum(hits[:1]) / n_rel,
         "recall@10": sum(hits[:10]) / n_rel,
@@ -48,15 +55,20 @@ def query_metrics(ranked: list[int], relevant: set[int]) -> dict[str, float]:
     }
 
 
-def retrieval_metrics(scores: torch.Tensor, relevant: list[set[int]]) -> dict[str, float]:
+def retrieval_metrics(scores: torch.Tensor, relevant: list) -> dict[str, float]:
     """Mean METRICS over queries.
 
-    scores: (Q, C); relevant[i]: the corpus indices relevant to query i.
+    scores: (Q, C); relevant[i]: the corpus indices relevant to query i (a set, or grades).
     """
     if scores.shape[0] != len(relevant):
         raise ValueError(f"{scores.shape[0]} score rows for {len(relevant)} queries")
-    if any(not rel for rel in relevant):
+    return ranked_metrics(rankings(scores, 100).tolist(), relevant)
+
+
+def ranked_metrics(ranked: list[list[int]], relevant: list) -> dict[str, float]:
+    """Mean METRICS over queries from their top-100 rankings (corpus indices, best first)."""
+    if any(not any(g > 0 for g in (rel.values() if isinstance(rel, Mapping) else [1] * len(rel)))
+           for rel in relevant):
         raise ValueError("every query needs at least one relevant document")
-    ranked = rankings(scores, 100).tolist()
     per_query = [query_metrics(r, rel) for r, rel in zip(ranked, relevant, strict=True)]
     return {m: sum(q[m] for q in per_query) / len(per_query) for m in METRICS}

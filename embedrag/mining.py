@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from embedrag.data import Example
@@ -68,15 +70,29 @@ def embedding_ranker(model_path: str, pooling: str | None, batch_size: int,
                      trust_remote_code: bool = False) -> Any:
     """A function (queries, corpus) -> (Q, C) cosine scores with the model, embedding as
     training does (its pooling, instruction, lengths and EOS)."""
+    from embedrag.inputs import TextColumn
     from embedrag.loading import load_embedder
+    from embedrag.modeling import encode_ids
 
     model, tokenizer, settings = load_embedder(model_path, trust_remote_code=trust_remote_code,
                                                overrides={"pooling": pooling})
 
-    def scores(queries: list[str], corpus: list[str]) -> ChunkedScores:
-        p = model.encode(tokenizer, corpus, max_len=settings.passage_max_len,
-                         append_eos=settings.append_eos, batch_size=batch_size,
-                         instruction=settings.passage_instruction, progress="corpus")  # (C, D)
+    def scores(queries: list[str], corpus: Sequence[str]) -> ChunkedScores:
+        if isinstance(corpus, TextColumn):  # from Arrow: tokenized (cached), read by batch
+            from embedrag.passages import tokenize_column
+
+            table = tokenize_column(corpus.dataset, "text", tokenizer,
+                                    max_len=settings.passage_max_len,
+                                    instruction=settings.passage_instruction,
+                                    append_eos=settings.append_eos)
+            ids = table.data.column("ids")
+            p = encode_ids(model, tokenizer, lambda rows: ids.take(corpus.rows[rows]).to_pylist(),
+                           table.data.column("n").to_numpy()[corpus.rows],
+                           batch_size=batch_size, progress="corpus")               # (C, D)
+        else:
+            p = model.encode(tokenizer, list(corpus), max_len=settings.passage_max_len,
+                             append_eos=settings.append_eos, batch_size=batch_size,
+                             instruction=settings.passage_instruction, progress="corpus")
         q = model.encode(tokenizer, queries, max_len=settings.query_max_len,
                          append_eos=settings.append_eos, batch_size=batch_size,
                          instruction=settings.query_instruction, progress="queries")
@@ -97,7 +113,7 @@ class ChunkedScores:
         return self.q[rows] @ self.p.T
 
 
-def mine(examples: list[Example], corpus: list[str], scores: Any, *, neg_nums: int,
+def mine(examples: list[Example], corpus: Sequence[str], scores: Any, *, neg_nums: int,
          rank_start: int, rank_end: int, relative_margin: float, absolute_margin: float,
          keep_existing: bool, seed: int) -> tuple[list[dict[str, Any]], MiningReport]:
     """Rows in the training format with `neg` filled. `scores` is (Q, C) for examples x
@@ -107,7 +123,7 @@ def mine(examples: list[Example], corpus: list[str], scores: Any, *, neg_nums: i
     Ranks are 1-based and inclusive: rank_start 10, rank_end 100 draws from the 10th to the
     100th best candidate (positives included when counting ranks, as a searcher sees them).
     """
-    index = {normalise(t): i for i, t in enumerate(corpus)}
+    index = CorpusIndex(corpus)
     depth = min(rank_end, len(corpus))
     report = MiningReport(rows=len(examples))
     rows: list[dict[str, Any]] = []
@@ -123,12 +139,32 @@ def mine(examples: list[Example], corpus: list[str], scores: Any, *, neg_nums: i
     return rows, report
 
 
-def _mine_row(qi: int, ex: Example, corpus: list[str], index: dict[str, int],
+class CorpusIndex:
+    """Where a text (case and white space folded) sits in the corpus, by 64-bit hashes in a
+    sorted numpy array: no dictionary of a million Python strings."""
+
+    def __init__(self, corpus: Sequence[str]):
+        from embedrag.passages import text_hash
+
+        hashes = np.fromiter((text_hash(normalise(t)) for t in corpus), dtype=np.int64,
+                             count=len(corpus))
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[self.order]
+
+    def get(self, text: str) -> int | None:
+        from embedrag.passages import text_hash
+
+        h = text_hash(text)
+        at = int(np.searchsorted(self.sorted, h))
+        return int(self.order[at]) if at < len(self.sorted) and self.sorted[at] == h else None
+
+
+def _mine_row(qi: int, ex: Example, corpus: Sequence[str], index: CorpusIndex,
               row_scores: torch.Tensor, ranked: list[int], ranked_scores: list[float],
               report: MiningReport, *, neg_nums: int, rank_start: int, relative_margin: float,
               absolute_margin: float, keep_existing: bool, seed: int) -> dict[str, Any]:
     positives = {normalise(p) for p in ex.pos}
-    pos_ids = [index[n] for n in positives if n in index]
+    pos_ids = [i for i in (index.get(n) for n in positives) if i is not None]
     best_pos = max((row_scores[i].item() for i in pos_ids), default=None)
     pool = []
     for rank, (ci, score) in enumerate(zip(ranked, ranked_scores, strict=True), start=1):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +106,20 @@ def encode_with(model: nn.Module, tokenizer: Any, texts: list[str], *, max_len: 
                 progress: str = "", accelerator: Any = None) -> torch.Tensor:
     """Embed texts with `model` — an EmbeddingModel, or one wrapped by Accelerate (DDP, FSDP,
     DeepSpeed), whose forward maps (input_ids, attention_mask) to embeddings — tokenized,
-    padded and pooled exactly as in training.
+    padded and pooled exactly as in training. (N, D) float32 on the CPU; see `encode_ids`."""
+    ids = tokenize(tokenizer, [instruction + t for t in texts], max_len, append_eos)
+    return encode_ids(model, tokenizer, lambda rows: [ids[i] for i in rows],
+                      [len(i) for i in ids], batch_size=batch_size, progress=progress,
+                      accelerator=accelerator)
+
+
+@torch.no_grad()
+def encode_ids(model: nn.Module, tokenizer: Any, get_ids: Callable[[list[int]], list],
+               lengths: Sequence[int], *, batch_size: int = 32, progress: str = "",
+               accelerator: Any = None) -> torch.Tensor:
+    """Embed N texts given as token ids: `get_ids(rows)` returns the ids of those rows (from a
+    list, or from a memory-mapped Arrow column for corpora too big to hold as Python strings),
+    `lengths` their lengths.
 
     Texts are embedded longest first so each batch pads little; rows come back in input
     order. (N, D) float32 on the CPU. `progress` names a progress bar (none when empty).
@@ -116,18 +130,17 @@ def encode_with(model: nn.Module, tokenizer: Any, texts: list[str], *, max_len: 
     it (the gather is collective); the model must not be one whose forward is collective
     (FSDP, DeepSpeed ZeRO-3), since processes run different numbers of batches.
     """
+    import numpy as np
     from tqdm.auto import tqdm
 
-    ids = tokenize(tokenizer, [instruction + t for t in texts], max_len, append_eos)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator \
         else (0, 1)
     device = next(model.parameters()).device
     chunks = []
     for idx in tqdm(batches[rank::world], desc=progress, disable=not progress, leave=False):
-        input_ids, mask = pad([ids[i] for i in idx], tokenizer.pad_token_id,
-                              tokenizer.padding_side)
+        input_ids, mask = pad(get_ids(idx), tokenizer.pad_token_id, tokenizer.padding_side)
         chunks.append(model(input_ids.to(device), mask.to(device)).float())
     local = torch.cat(chunks) if chunks else torch.zeros((0, 0), device=device)   # (n_r, D)
     rows = [[i for b in batches[r::world] for i in b] for r in range(world)]
@@ -139,9 +152,9 @@ def encode_with(model: nn.Module, tokenizer: Any, texts: list[str], *, max_len: 
             padded[: local.shape[0]] = local
         every = accelerator.gather(padded).view(world, width, dim)           # (W, width, D)
         local = torch.cat([every[r, : len(rows[r])] for r in range(world)])
-    if not ids:
+    if not len(order):
         return torch.empty((0, 0))
-    out = torch.empty((len(ids), local.shape[1]))
+    out = torch.empty((len(order), local.shape[1]))
     out[torch.tensor([i for r in rows for i in r])] = local.cpu()
     return out
 

@@ -47,6 +47,28 @@ def encode(ds: Any, tokenizer: Any, *, query_max_len: int, passage_max_len: int,
                   desc="tokenizing")
 
 
+def tokenize_column(ds: Any, column: str, tokenizer: Any, *, max_len: int, instruction: str,
+                    append_eos: bool) -> Any:
+    """`ds` with `ids` (token ids of `column`, tokenized as `tokenize` does) and `n` (their
+    count) added, through a cached `Dataset.map`: a corpus to embed, read from Arrow."""
+    from datasets.fingerprint import Hasher
+
+    knobs = (column, max_len, instruction, append_eos)
+    return ds.map(_tokenize_batch, batched=True,
+                  fn_kwargs={"tokenizer": tokenizer, "knobs": knobs},
+                  new_fingerprint=Hasher.hash((ds._fingerprint, "embedrag-tokenize-1", knobs,
+                                               _tokenizer_identity(tokenizer))),
+                  desc="tokenizing")
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, knobs: tuple) -> dict[str, list]:
+    from embedrag.data import tokenize
+
+    column, max_len, instruction, eos = knobs
+    ids = tokenize(tokenizer, [instruction + t for t in batch[column]], max_len, eos)
+    return {"ids": ids, "n": [len(i) for i in ids]}
+
+
 def _encode_batch(batch: dict[str, list], tokenizer: Any, settings: tuple) -> dict[str, list]:
     from embedrag.data import tokenize
 

@@ -122,3 +122,28 @@ def test_chunked_scores_mine_like_the_full_matrix():
     full, _ = mine(examples, corpus, q @ p.T, **kw)
     chunked, _ = mine(examples, corpus, ChunkedScores(q, p), **kw)
     assert full == chunked
+
+
+def test_a_corpus_file_is_mined_from_arrow_as_from_a_list(tiny_decoder, tmp_path):
+    """--corpus goes through memory-mapped Arrow (duplicates dropped, tokenized by datasets)
+    and mines exactly the negatives the same corpus mines as a Python list."""
+    import torch
+
+    from embedrag.inputs import TextColumn
+    from embedrag.mining import embedding_ranker
+
+    rows = [{"query": r["query"], "pos": r["pos"]} for r in learnable_rows(8)]
+    passages = [r["pos"][0] for r in learnable_rows(24)] + [TOPICS[0], TOPICS[0]]
+    corpus_file = tmp_path / "corpus.jsonl"
+    corpus_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in passages))
+    column = TextColumn(str(corpus_file))
+    assert list(column) == list(dict.fromkeys(passages))  # distinct, first-seen order
+    examples = read_jsonl(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    rank = embedding_ranker(tiny_decoder, None, 8)
+    queries = [e.query for e in examples]
+    from_arrow, from_list = rank(queries, column), rank(queries, list(column))
+    assert torch.allclose(from_arrow[0:len(queries)], from_list[0:len(queries)], atol=1e-6)
+    kw = {"neg_nums": 2, "rank_start": 2, "rank_end": 10, "relative_margin": 10.0,
+          "absolute_margin": -10.0, "keep_existing": False, "seed": 1}
+    assert mine(examples, column, from_arrow, **kw)[0] == \
+        mine(examples, list(column), from_list, **kw)[0]
