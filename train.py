@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     try:  # both inputs checked whole, before any model loads or any worker starts
-        rows = load_rows(cfg.train_dataset)  # memory-mapped Arrow, cached for the workers
+        if cfg.streaming:  # read as it streams; the first rows are checked now
+            from embedrag.streaming import stream_rows
+
+            rows = stream_rows(cfg.train_dataset)
+        else:
+            rows = load_rows(cfg.train_dataset)  # memory-mapped Arrow, cached for the workers
         eval_examples = read_jsonl(cfg.eval_dataset) if cfg.eval_dataset else None
     except DataError as e:
         return fail([f"train.py: error: {line}" for line in str(e).splitlines()], 2)

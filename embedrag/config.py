@@ -105,6 +105,11 @@ class TrainConfig:
                                 default=0.0)
     seed: int = _flag("Seed for initialisation, shuffling and negative sampling.", default=42)
     num_workers: int = _flag("DataLoader worker processes.", default=0)
+    streaming: bool = _flag(
+        "Read the training rows as they stream (a shuffle buffer, tokenized on the fly) instead "
+        "of converting them first: for inputs too large even to convert. Needs --max_steps; "
+        "no exact resume (see README).", default=False)
+    shuffle_buffer: int = _flag("--streaming: rows in the shuffle buffer.", default=10000)
     preprocessing_num_workers: int = _flag(
         "Processes that tokenize the training rows (datasets' map; cached, so a second run "
         "with the same data and tokenizer skips it). 0: this process.", default=0)
@@ -199,7 +204,8 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
     """Problems with the flags as given, one line each (an empty list means fine)."""
     problems = []
     positive = ["batch_size", "epochs", "query_max_len", "passage_max_len", "lora_r",
-                "lora_alpha", "gradient_accumulation_steps", "logging_steps", "eval_batch_size"]
+                "lora_alpha", "gradient_accumulation_steps", "logging_steps", "eval_batch_size",
+                "shuffle_buffer"]
     for name in positive:
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(cfg, name)}")
@@ -208,6 +214,11 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
                  "preprocessing_num_workers"]:
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.streaming and not cfg.max_steps:
+        problems.append("--streaming needs --max_steps (a stream's length is not known)")
+    if cfg.streaming and (cfg.save_steps or cfg.resume_from_checkpoint):
+        problems.append("--streaming has no exact resume: drop --save_steps and "
+                        "--resume_from_checkpoint, or train without --streaming")
     if cfg.temperature <= 0:
         problems.append(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.lr <= 0:

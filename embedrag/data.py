@@ -237,21 +237,24 @@ class Collator:
     then its G-1 negatives); `relevant_ids` lists every positive of each query's text (over
     all rows), for the loss's false-negative mask."""
 
-    def __init__(self, data: TrainingSet, pad_id: int, padding_side: str):
+    def __init__(self, data: TrainingSet | None, pad_id: int, padding_side: str):
         self.data = data
         self.pad_id = pad_id
         self.padding_side = padding_side
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         passages = [p for it in items for p in [it["pos"], *it["negs"]]]  # row-major
-        q_ids, q_mask = pad([self.data.query_tokens(it["row"]) for it in items], self.pad_id,
-                            self.padding_side)
+        # Token ids come with the items (streamed rows) or from the training set (Arrow).
+        queries = [it["query_tokens"] if "query_tokens" in it else
+                   self.data.query_tokens(it["row"]) for it in items]
+        q_ids, q_mask = pad(queries, self.pad_id, self.padding_side)
+        carried = {p: ids for it in items for p, ids in it.get("tokens", {}).items()}
         # A passage drawn twice in a batch (one query's negative is another's positive) is
         # embedded once: `passage_index` maps each of the B*G slots to its distinct passage.
         distinct = list(dict.fromkeys(passages))
         slot = {p: i for i, p in enumerate(distinct)}
-        p_ids, p_mask = pad([self.data.passage_tokens(p) for p in distinct], self.pad_id,
-                            self.padding_side)
+        p_ids, p_mask = pad([carried[p] if p in carried else self.data.passage_tokens(p)
+                             for p in distinct], self.pad_id, self.padding_side)
         # Passage ids and each query's relevant ids travel with the batch, so the mask can be
         # built against the passages of every process when negatives are shared across them.
         width = max(len(it["pos_set"]) for it in items)

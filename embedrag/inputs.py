@@ -66,6 +66,28 @@ def _jsonl_rows(path: str):
         raise DataError(f"{path}:1: the file holds no training rows")
 
 
+def jsonl_objects(path: str):
+    """The JSON objects of a JSONL file with their line number in 'line', streamed; DataError
+    at the first line that is not a JSON object (for --streaming, which cannot read ahead)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                obj = json.loads(line) if line.strip() else None
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the "
+                                f"line)") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column "
+                                f"{e.colno})") from None
+            if obj is None:
+                continue
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got "
+                                f"{type(obj).__name__}")
+            yield {**{k: obj[k] for k in COLUMNS if k in obj}, "line": lineno}
+
+
 def _from_jsonl(path: str) -> Any:
     import datasets
 

@@ -37,14 +37,20 @@ def encode(ds: Any, tokenizer: Any, *, query_max_len: int, passage_max_len: int,
            num_proc: int | None = None) -> Any:
     """The rows with query_ids, pos_ids, neg_ids (token ids, EOS appended as in `tokenize`)
     and query_h, pos_h, neg_h (text hashes) added; cached by fingerprint."""
+    import datasets
     from datasets.fingerprint import Hasher
 
     settings = (query_max_len, passage_max_len, query_instruction, passage_instruction,
                 append_eos, tokenizer.eos_token_id, _tokenizer_identity(tokenizer))
-    fingerprint = Hasher.hash((ds._fingerprint, "embedrag-encode-1", settings))
+    fingerprint = Hasher.hash((ds._fingerprint, "embedrag-encode-2", settings))
+    ids, h = datasets.Value("int32"), datasets.Value("int64")  # token ids fit in 32 bits
+    features = datasets.Features({
+        **ds.features, "query_ids": datasets.Sequence(ids), "query_h": h,
+        "pos_ids": datasets.Sequence(datasets.Sequence(ids)), "pos_h": datasets.Sequence(h),
+        "neg_ids": datasets.Sequence(datasets.Sequence(ids)), "neg_h": datasets.Sequence(h)})
     return ds.map(_encode_batch, batched=True, num_proc=num_proc, new_fingerprint=fingerprint,
                   fn_kwargs={"tokenizer": tokenizer, "settings": settings[:5]},
-                  desc="tokenizing")
+                  features=features, desc="tokenizing")
 
 
 def tokenize_column(ds: Any, column: str, tokenizer: Any, *, max_len: int, instruction: str,

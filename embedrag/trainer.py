@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from embedrag.checkpoints import (
     save_step_checkpoint,
 )
 from embedrag.config import TrainConfig, embedding_config, write_json
-from embedrag.data import Collator, EpochShuffle, Example, TrainingSet
+from embedrag.data import Collator, DataError, EpochShuffle, Example, TrainingSet
 from embedrag.evaluation import evaluate, format_table
 from embedrag.loading import (
     autocast_dtype,
@@ -46,6 +47,7 @@ from embedrag.modeling import (
 )
 from embedrag.perf import native_bf16, utilisation
 from embedrag.recipe import DEFAULTS, decide, load_head, read_recipe
+from embedrag.streaming import StreamingSet
 
 # bitsandbytes warns on every int8 matmul that it casts fp32 inputs to fp16; once is enough.
 warnings.filterwarnings("once", message=".*MatMul8bitLt: inputs will be cast.*")
@@ -146,11 +148,14 @@ def make_accelerator(cfg: TrainConfig, mixed_precision: str, dynamic_graph: bool
     MULTI_CPU (gloo) run. DDP looks for unused parameters every step only where they change
     from step to step (mixture of experts); fixed ones are frozen before (`freeze_unreached`)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
+    # A stream is read by every process, each keeping its own batches (batches of different
+    # lengths cannot be dispatched from one process as one tensor).
+    loading = DataLoaderConfiguration(dispatch_batches=False if cfg.streaming else None)
     return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[DistributedDataParallelKwargs(
+                       dataloader_config=loading, kwargs_handlers=[DistributedDataParallelKwargs(
                            find_unused_parameters=dynamic_graph)])
 
 
@@ -207,23 +212,29 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                                   for name in DEFAULTS))
 
     # --- data: tokenized once; an epoch re-draws the order and the negatives ---
-    with accelerator.main_process_first():  # one process tokenizes, the others read its cache
-        data = TrainingSet(rows, tokenizer, neg_nums=cfg.neg_nums,
-                           query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
-                           query_instruction=cfg.query_instruction,
-                           passage_instruction=cfg.passage_instruction, append_eos=append_eos,
-                           seed=cfg.seed, source=cfg.train_dataset,
-                           num_proc=cfg.preprocessing_num_workers or None)
-    if data.short_rows:
-        say(f"note: {data.short_rows} of {len(data)} rows have fewer than {cfg.neg_nums} "
-            "negatives; they are topped up with other rows' passages")
-    # The loader's own generator only seeds its workers; keeping it off the global generator
-    # leaves dropout's random stream to the model.
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=cfg.batch_size, sampler=EpochShuffle(len(data), cfg.seed),
-        num_workers=cfg.num_workers,
-        collate_fn=Collator(data, tokenizer.pad_token_id, tokenizer.padding_side),
-        generator=torch.Generator().manual_seed(cfg.seed))
+    texts = {"neg_nums": cfg.neg_nums, "query_max_len": cfg.query_max_len,
+             "passage_max_len": cfg.passage_max_len, "query_instruction": cfg.query_instruction,
+             "passage_instruction": cfg.passage_instruction, "append_eos": append_eos,
+             "seed": cfg.seed}
+    collate = Collator(None, tokenizer.pad_token_id, tokenizer.padding_side)
+    if cfg.streaming:  # rows drawn through a shuffle buffer and tokenized as they come
+        data = StreamingSet(rows, tokenizer, buffer=cfg.shuffle_buffer, **texts)
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size,
+                                             num_workers=cfg.num_workers, collate_fn=collate)
+    else:
+        with accelerator.main_process_first():  # one process tokenizes, the others read it
+            data = TrainingSet(rows, tokenizer, source=cfg.train_dataset,
+                               num_proc=cfg.preprocessing_num_workers or None, **texts)
+        collate.data = data
+        if data.short_rows:
+            say(f"note: {data.short_rows} of {len(data)} rows have fewer than {cfg.neg_nums} "
+                "negatives; they are topped up with other rows' passages")
+        # The loader's own generator only seeds its workers; keeping it off the global
+        # generator leaves dropout's random stream to the model.
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=cfg.batch_size, sampler=EpochShuffle(len(data), cfg.seed),
+            num_workers=cfg.num_workers, collate_fn=collate,
+            generator=torch.Generator().manual_seed(cfg.seed))
 
     # --- output folder: checked by all processes, prepared by the main one ---
     check_output_dir(cfg)
@@ -263,10 +274,10 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
     optimizer = _optimizer(model, cfg, fused=not sharded and cfg.mixed_precision != "fp16")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accum = cfg.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(loader) / accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's length is unknown
+    total_steps = cfg.max_steps or math.ceil(batches_per_epoch / accum) * cfg.epochs
+    if batches_per_epoch:
+        total_steps = min(total_steps, math.ceil(batches_per_epoch / accum) * cfg.epochs)
     warmup_steps = math.ceil(total_steps * cfg.warmup_proportion)
     # Not prepared by Accelerate: it is stepped here once per optimizer step, on every process.
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
@@ -288,8 +299,10 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
     accelerator.wait_for_everyone()
     logger = RunLogger(cfg.output_dir, enabled=main, resume_epoch=state.epoch,
                        resume_step=state.step if resume_from else None)
-    say(f"embedrag: {cfg.finetune_type} on {cfg.model_name_or_path} | {len(data)} rows, "
-        f"{data.table.size} passages | {world} process(es) x batch {cfg.batch_size} x accum "
+    rows_seen = ("streamed rows" if cfg.streaming
+                 else f"{len(data)} rows, {data.table.size} passages")
+    say(f"embedrag: {cfg.finetune_type} on {cfg.model_name_or_path} | {rows_seen} | "
+        f"{world} process(es) x batch {cfg.batch_size} x accum "
         f"{accum} | {total_steps} steps ({warmup_steps} warmup) | "
         f"trainable {trainable:,} of {total:,} params | append_eos={append_eos}")
 
@@ -359,7 +372,10 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
     good = (dataclasses.replace(state), sums.clone())
     if rngs is not None:  # after every load that drew random numbers (LoRA init, ...)
         restore_rng(rngs[accelerator.process_index] if isinstance(rngs, list) else rngs)
-    for epoch in range(state.epoch, cfg.epochs + 1):
+    # A stream is read again, reshuffled, until --max_steps; a table for --epochs.
+    epochs = itertools.count(state.epoch) if cfg.streaming else range(state.epoch,
+                                                                       cfg.epochs + 1)
+    for epoch in epochs:
         state.epoch = epoch
         data.set_epoch(epoch)    # which positive and negatives each row draws
         loader.set_epoch(epoch)  # the order of the rows
@@ -368,7 +384,8 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
         for micro, batch in enumerate(batches, start=skip):
             # Accelerate divides every micro-loss by the accumulation steps; an epoch's last
             # window may be shorter, so rescale to keep its gradient a mean, not a fraction.
-            window = min(accum, len(loader) - micro // accum * accum)
+            window = accum if batches_per_epoch is None else \
+                min(accum, batches_per_epoch - micro // accum * accum)
             with accelerator.accumulate(model):
                 loss = forward_backward(accelerator, model, batch, cfg,
                                         accum / window if window < accum else 1.0)
@@ -423,13 +440,15 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                 checkpoint(os.path.join(cfg.output_dir, f"checkpoint-step-{step}"), good)
             if step >= total_steps:
                 break
+        if state.epoch_micro == 0:
+            raise DataError(f"{cfg.train_dataset}: a pass over the rows gave no batch")
         epoch_mean = (accelerator.reduce(sums.epoch_loss, "mean").item()
                       / max(state.epoch_micro, 1))
         epoch_eval = run_eval(state.step)
         if epoch_eval is not None:
             state.evals["per_epoch"].append({"epoch": epoch, "step": state.step, **epoch_eval})
         logger.log_epoch(epoch, epoch_mean, state.step, epoch_eval)
-        if cfg.save_on_epoch_end and state.micro == len(loader):
+        if cfg.save_on_epoch_end and state.micro == batches_per_epoch:
             save_model(accelerator, model, tokenizer, train_config,
                        os.path.join(cfg.output_dir, f"checkpoint-epoch-{epoch}"))
         say(f"epoch {epoch}: mean loss {epoch_mean:.4f}")
@@ -453,7 +472,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                    "samples_per_second": state.samples / seconds,
                    "tokens_per_second": tokens / seconds},
         "final_loss": state.last_loss,
-        "rows_with_topped_up_negatives": data.short_rows,
+        "rows_with_topped_up_negatives": getattr(data, "short_rows", None),
         "trainable_params": trainable,
         "total_params": total,
         "peak_memory": peak_memory(accelerator.device),
