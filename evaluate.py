@@ -74,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from embedrag.data import DataError, read_jsonl
+    from embedrag.data import DataError
     from embedrag.evaluation import evaluate, format_table
+    from embedrag.inputs import load_rows
     from embedrag.loading import load_embedder
 
     try:
-        examples = None if beir else read_jsonl(args.eval_dataset)
+        examples = None if beir else load_rows(args.eval_dataset)  # memory-mapped Arrow
     except DataError as e:
         for line in str(e).splitlines():
             print(f"evaluate.py: error: {line}", file=sys.stderr)

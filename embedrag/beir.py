@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedrag.metrics import METRICS, query_metrics
+from embedrag.metrics import METRICS, query_metrics, top_ranked
 from embedrag.modeling import EmbedSettings, encode_ids, encode_with
 
 
@@ -73,20 +73,6 @@ def load_corpus(folder: str, tokenizer: Any, settings: EmbedSettings) -> Any:
                            append_eos=settings.append_eos)
 
 
-def top_k(q: torch.Tensor, p: torch.Tensor, k: int, exclude: list[int],
-          block: int = 256) -> list[list[int]]:
-    """Top-k corpus indices per query (best first), a block of queries at a time; exclude[i]
-    (>= 0) is left out of query i's ranking. q (Q, D), p (C, D)."""
-    ranked = []
-    for start in range(0, q.shape[0], block):
-        scores = q[start:start + block] @ p.T                                # (b, C)
-        for row, doc in enumerate(exclude[start:start + block]):
-            if doc >= 0:
-                scores[row, doc] = float("-inf")
-        ranked += scores.topk(min(k, p.shape[0]), dim=1).indices.tolist()
-    return ranked
-
-
 @torch.no_grad()
 def evaluate_beir(model: Any, tokenizer: Any, folder: str, settings: EmbedSettings, *,
                   split: str = "test", batch_size: int = 32, progress: bool = False,
@@ -119,7 +105,7 @@ def evaluate_beir(model: Any, tokenizer: Any, folder: str, settings: EmbedSettin
         found = pc.index_in(pa.array(values, pa.string()), value_set=value_set)
         return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64).tolist()
 
-    ranked = top_k(q, p, 100, index(qids))
+    ranked = top_ranked(q, p, 100, index(qids))
     docs = [d for qid in qids for d in qrels[qid]]
     where = iter(index(docs))
     totals, missing = dict.fromkeys(METRICS, 0.0), 0

@@ -1,7 +1,8 @@
-"""Retrieval evaluation of an embedding model on a JSONL file in the training format.
+"""Retrieval evaluation of an embedding model on rows in the training format.
 
-The corpus is every distinct `pos` and `neg` passage of the file; a query's relevant documents
-are its `pos`. Queries and passages are embedded exactly as training embeds them.
+The corpus is every distinct `pos` and `neg` passage of the rows; a query's relevant documents
+are its `pos`. Queries and passages are embedded exactly as training embeds them. (The BEIR
+layout is in embedrag/beir.py.)
 """
 
 from __future__ import annotations
@@ -10,40 +11,50 @@ from typing import Any
 
 import torch
 
-from embedrag.data import Example
-from embedrag.metrics import METRICS, retrieval_metrics
-from embedrag.modeling import EmbedSettings, encode_with
-
-
-def corpus_of(examples: list[Example]) -> tuple[list[str], list[set[int]]]:
-    """(distinct passages in first-seen order, relevant corpus indices of each query)."""
-    index: dict[str, int] = {}
-    for ex in examples:
-        for text in ex.pos + ex.neg:
-            index.setdefault(text, len(index))
-    return list(index), [{index[t] for t in ex.pos} for ex in examples]
+from embedrag.metrics import METRICS, ranked_metrics, top_ranked
+from embedrag.modeling import EmbedSettings, encode_ids
 
 
 @torch.no_grad()
-def evaluate(model: Any, tokenizer: Any, examples: list[Example], settings: EmbedSettings,
+def evaluate(model: Any, tokenizer: Any, rows: Any, settings: EmbedSettings,
              batch_size: int = 32, progress: bool = False, accelerator: Any = None,
              ) -> dict[str, float]:
     """ndcg@10, mrr@10, recall@1/10/100 and map@100 of `model` (an EmbeddingModel, possibly
-    wrapped by Accelerate). With an `accelerator` of several processes each embeds its share of
-    the texts (see `encode_with`) and every process returns the same metrics as one would."""
+    wrapped by Accelerate) on `rows` (embedrag.inputs.load_rows, or a list of Examples).
+
+    The rows are tokenized into Arrow (cached) and the distinct passages numbered as training
+    numbers them; queries and passages are embedded from there, and each query ranked against
+    the corpus a block of queries at a time, so a large file costs its embeddings, not Python
+    strings. With an `accelerator` of several processes each embeds its share of the texts
+    (see `encode_ids`) and every process returns the same metrics as one would."""
+    from embedrag.data import rows_dataset
+    from embedrag.passages import PassageTable, encode
+
     was_training = model.training
     model.eval()
-    corpus, relevant = corpus_of(examples)
-    q = encode_with(model, tokenizer, [ex.query for ex in examples],
-                    max_len=settings.query_max_len, append_eos=settings.append_eos,
-                    batch_size=batch_size, instruction=settings.query_instruction,
-                    progress="queries" if progress else "", accelerator=accelerator)  # (Q, D)
-    p = encode_with(model, tokenizer, corpus, max_len=settings.passage_max_len,
-                    append_eos=settings.append_eos, batch_size=batch_size,
-                    instruction=settings.passage_instruction,
-                    progress="passages" if progress else "", accelerator=accelerator)  # (C, D)
+    ds = encode(rows_dataset(rows), tokenizer, query_max_len=settings.query_max_len,
+                passage_max_len=settings.passage_max_len,
+                query_instruction=settings.query_instruction,
+                passage_instruction=settings.passage_instruction,
+                append_eos=settings.append_eos)
+    table = PassageTable(ds)
+    queries = ds.data.column("query_ids")
+    q = encode_ids(model, tokenizer, lambda rows: queries.take(rows).to_pylist(),
+                   pc_lengths(queries), batch_size=batch_size, accelerator=accelerator,
+                   progress="queries" if progress else "")                    # (Q, D)
+    p = encode_ids(model, tokenizer, lambda numbers: [table.tokens(n) for n in numbers],
+                   table.lengths(), batch_size=batch_size, accelerator=accelerator,
+                   progress="passages" if progress else "")                   # (C, D)
     model.train(was_training)
-    return retrieval_metrics(q @ p.T, relevant)
+    relevant = [set(table.positives(i)) for i in range(len(ds))]
+    return ranked_metrics(top_ranked(q, p, 100), relevant)
+
+
+def pc_lengths(column: Any) -> Any:
+    """Lengths of the lists of an Arrow list column, as numpy."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(column).to_numpy()
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

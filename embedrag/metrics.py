@@ -26,6 +26,22 @@ def rankings(scores: torch.Tensor, depth: int) -> torch.Tensor:
     return torch.sort(scores.float(), dim=1, descending=True, stable=True).indices[:, :depth]
 
 
+def top_ranked(q: torch.Tensor, p: torch.Tensor, depth: int = 100,
+               exclude: list[int] | None = None, block: int = 64) -> list[list[int]]:
+    """The top `depth` corpus indices of each query by cosine (best first, ties in corpus
+    order, as `rankings`), a block of queries at a time: memory holds one (block, C) slice of
+    scores, never the whole (Q, C) matrix. exclude[i] >= 0 is left out of query i's ranking.
+    q (Q, D), p (C, D)."""
+    ranked = []
+    for start in range(0, q.shape[0], block):
+        scores = q[start:start + block] @ p.T                                # (b, C)
+        for row, doc in enumerate((exclude or [])[start:start + block]):
+            if doc >= 0:
+                scores[row, doc] = float("-inf")
+        ranked += rankings(scores, depth).tolist()
+    return ranked
+
+
 def query_metrics(ranked: list[int], relevant: set[int] | Mapping[int, float],
                   ) -> dict[str, float]:
     """All METRICS for one query from its ranked corpus indices and its relevant documents

@@ -128,6 +128,7 @@ class PassageTable:
         at = order[first[np.argsort(number)]]                             # by passage number
         self.first_row, self.first_slot = occurrence_row[at], occurrence_slot[at]
         self.first_is_neg = at >= len(pos_h)
+        self._first_at = at
         # Every positive of each query text, over all its rows (CSR by query group).
         query_h = table.column("query_h").to_numpy()
         groups, self.group_of = np.unique(query_h, return_inverse=True)
@@ -168,6 +169,15 @@ class PassageTable:
         kind = "neg" if self.first_is_neg[number] else "pos"
         cell = self._columns[kind + suffix][int(self.first_row[number])]
         return cell.values[int(self.first_slot[number])].as_py()
+
+    def lengths(self) -> np.ndarray:
+        """Token count of every passage, by number (from the Arrow offsets, no copy of ids)."""
+        import pyarrow.compute as pc
+
+        per_occurrence = np.concatenate([
+            pc.list_value_length(pc.list_flatten(self._columns[c])).to_numpy()
+            for c in ("pos_ids", "neg_ids")])
+        return per_occurrence[self._first_at]
 
     def tokens(self, number: int) -> list[int]:
         """Token ids of passage `number` (read from the Arrow file)."""
