@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+from typing import Any
 
 # Set in a process that a launcher (torchrun, accelerate launch, mpirun, ...) started.
 LAUNCHER_VARIABLES = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION",
@@ -140,3 +141,20 @@ def _launch(n: int, script: str, argv: list[str]) -> int:
                 reason = f"failed ({how}): {_last_line(logs, rank)}"
             print(f"train.py: worker {rank} of {n}: {reason}", file=sys.stderr)
             return code if code > 0 else 1
+
+
+def make_accelerator(cfg: Any, mixed_precision: str, dynamic_graph: bool) -> Any:
+    """The Accelerator of this run. cpu=True on machines without CUDA lets a launcher start a
+    MULTI_CPU (gloo) run. DDP looks for unused parameters every step only where they change
+    from step to step (mixture of experts); fixed ones are frozen before (`freeze_unreached`)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    # A stream is read by every process, each keeping its own batches (batches of different
+    # lengths cannot be dispatched from one process as one tensor).
+    loading = DataLoaderConfiguration(dispatch_batches=False if cfg.streaming else None)
+    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+                       dataloader_config=loading, kwargs_handlers=[DistributedDataParallelKwargs(
+                           find_unused_parameters=dynamic_graph)])

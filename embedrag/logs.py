@@ -112,3 +112,13 @@ def peak_memory(device: Any) -> dict[str, float]:
     import resource
 
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def eval_summary(evals: dict[str, Any], path: str) -> dict[str, Any]:
+    """The summary's eval section: each metric before training, after it, and the change."""
+    if evals["before"] is None:
+        return {}
+    after = evals["per_epoch"][-1] if evals["per_epoch"] else evals["before"]
+    side_by_side = {m: {"before": v, "after": after[m], "change": after[m] - v}
+                    for m, v in evals["before"].items()}
+    return {"eval": {"dataset": path, "metrics": side_by_side, "per_epoch": evals["per_epoch"]}}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -180,3 +181,22 @@ def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
             backward((rep * g).sum())
     _set_rng_state(after, device)
     return loss.detach()
+
+
+def forward_backward(accelerator: Any, model: Any, batch: dict[str, torch.Tensor],
+                     cfg: Any, scale: float) -> torch.Tensor:
+    """Embed, score and backpropagate one micro-batch; returns its loss."""
+    def loss_of(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        p = p[batch["passage_index"]]  # distinct passages -> (B*G, D) slots
+        return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
+                              cfg.temperature, bool(cfg.cross_device_negatives))
+
+    if not cfg.grad_cache_chunk_size:
+        q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
+        p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (P', D)
+        loss = loss_of(q, p)
+        accelerator.backward(loss * scale)
+        return loss
+    return grad_cache_step(model, batch, cfg.grad_cache_chunk_size, loss_of,
+                           backward=lambda s: accelerator.backward(s * scale),
+                           no_sync=lambda: accelerator.no_sync(model))

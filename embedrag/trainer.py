@@ -8,13 +8,14 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from embedrag.checkpoints import (
+    RunState,
+    Sums,
     check_output_dir,
     check_resumable,
     clear_previous_run,
@@ -28,6 +29,7 @@ from embedrag.checkpoints import (
 from embedrag.config import TrainConfig, embedding_config, write_json
 from embedrag.data import Collator, DataError, EpochShuffle, Example, TrainingSet
 from embedrag.evaluation import evaluate, format_table
+from embedrag.launch import make_accelerator
 from embedrag.loading import (
     autocast_dtype,
     load_backbone,
@@ -35,8 +37,8 @@ from embedrag.loading import (
     routes_experts,
     shipped_code_errors,
 )
-from embedrag.logs import RunLogger, peak_memory
-from embedrag.loss import embedding_loss, grad_cache_step
+from embedrag.logs import RunLogger, eval_summary, peak_memory
+from embedrag.loss import forward_backward
 from embedrag.modeling import (
     EmbeddingModel,
     EmbedSettings,
@@ -45,6 +47,7 @@ from embedrag.modeling import (
     load_tokenizer,
     resolve_append_eos,
 )
+from embedrag.optim import linear_schedule, make_optimizer
 from embedrag.perf import native_bf16, utilisation
 from embedrag.recipe import DEFAULTS, decide, load_head, read_recipe
 from embedrag.streaming import StreamingSet
@@ -59,123 +62,6 @@ class LaunchError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped with the last good state saved."""
-
-
-@dataclass
-class RunState:
-    """Where a run stands: everything a step checkpoint holds besides tensors, in one place.
-
-    Running sums that would need the device to answer (losses, token counts) are kept as
-    device tensors in `Sums` between log points and folded in here when a checkpoint is
-    written, so the loop waits for the device once per optimizer step, not once per counter."""
-
-    step: int = 0            # optimizer steps done
-    epoch: int = 1           # the epoch in progress (1-based)
-    micro: int = 0           # micro-batches of this epoch done on each process
-    samples: int = 0         # queries trained on, all processes
-    tokens: int = 0          # real tokens fed to the model before this process started
-    slots: int = 0           # token positions incl. padding, for the padding share
-    epoch_micro: int = 0
-    window_micro: int = 0    # micro-batches since the last log record
-    window_samples: int = 0
-    epoch_loss: float = 0.0  # loss sums, as of the checkpoint
-    window_loss: float = 0.0
-    last_loss: float = float("nan")
-    elapsed_s: float = 0.0
-    world_size: int = 1
-    evals: dict[str, Any] = field(default_factory=lambda: {"before": None, "per_epoch": []})
-
-    @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> RunState:
-        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass
-class Sums:
-    """Device-side running sums since this process started (or resumed)."""
-
-    window_loss: torch.Tensor
-    epoch_loss: torch.Tensor
-    tokens: torch.Tensor
-
-    @classmethod
-    def start(cls, state: RunState, device: torch.device) -> Sums:
-        return cls(torch.tensor(state.window_loss, device=device),
-                   torch.tensor(state.epoch_loss, device=device),
-                   torch.zeros((), dtype=torch.long, device=device))
-
-    def clone(self) -> Sums:
-        return Sums(*(t.clone() for t in dataclasses.astuple(self)))
-
-
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-D tensors) get no weight decay. `fused` updates all
-    parameters in one kernel (on CPU too) instead of a dozen small ops per tensor."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused)
-
-
-def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int,
-                    total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then linear decay. Step s (0-based) trains at lr * factor(s), which is
-    never 0: the first warm-up step already moves the weights (transformers' schedule spends
-    it at lr 0, so a 1-step run would train nothing), and the last step is not wasted either."""
-
-    def factor(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        return max(total - s, 1) / max(total - warmup, 1)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def eval_summary(evals: dict[str, Any], path: str) -> dict[str, Any]:
-    """The summary's eval section: each metric before training, after it, and the change."""
-    if evals["before"] is None:
-        return {}
-    after = evals["per_epoch"][-1] if evals["per_epoch"] else evals["before"]
-    side_by_side = {m: {"before": v, "after": after[m], "change": after[m] - v}
-                    for m, v in evals["before"].items()}
-    return {"eval": {"dataset": path, "metrics": side_by_side, "per_epoch": evals["per_epoch"]}}
-
-
-def make_accelerator(cfg: TrainConfig, mixed_precision: str, dynamic_graph: bool) -> Any:
-    """The Accelerator of this run. cpu=True on machines without CUDA lets a launcher start a
-    MULTI_CPU (gloo) run. DDP looks for unused parameters every step only where they change
-    from step to step (mixture of experts); fixed ones are frozen before (`freeze_unreached`)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
-
-    # A stream is read by every process, each keeping its own batches (batches of different
-    # lengths cannot be dispatched from one process as one tensor).
-    loading = DataLoaderConfiguration(dispatch_batches=False if cfg.streaming else None)
-    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                       mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
-                       dataloader_config=loading, kwargs_handlers=[DistributedDataParallelKwargs(
-                           find_unused_parameters=dynamic_graph)])
-
-
-def forward_backward(accelerator: Any, model: Any, batch: dict[str, torch.Tensor],
-                     cfg: TrainConfig, scale: float) -> torch.Tensor:
-    """Embed, score and backpropagate one micro-batch; returns its loss."""
-    def loss_of(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        p = p[batch["passage_index"]]  # distinct passages -> (B*G, D) slots
-        return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
-                              cfg.temperature, bool(cfg.cross_device_negatives))
-
-    if not cfg.grad_cache_chunk_size:
-        q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
-        p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (P', D)
-        loss = loss_of(q, p)
-        accelerator.backward(loss * scale)
-        return loss
-    return grad_cache_step(model, batch, cfg.grad_cache_chunk_size, loss_of,
-                           backward=lambda s: accelerator.backward(s * scale),
-                           no_sync=lambda: accelerator.no_sync(model))
 
 
 def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = None,
@@ -271,7 +157,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                           "optimizer state, so use their own checkpointing there")
     # fp16's GradScaler lets a fused step skip itself, and Accelerate would then not see the
     # skip (and would step the schedule): fused only without fp16.
-    optimizer = _optimizer(model, cfg, fused=not sharded and cfg.mixed_precision != "fp16")
+    optimizer = make_optimizer(model, cfg, fused=not sharded and cfg.mixed_precision != "fp16")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accum = cfg.gradient_accumulation_steps
     batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's length is unknown

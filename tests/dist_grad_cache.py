@@ -26,10 +26,10 @@ from accelerate.utils import set_seed  # noqa: E402
 
 from embedrag.config import TrainConfig  # noqa: E402
 from embedrag.data import Collator, Example, TrainingSet  # noqa: E402
+from embedrag.launch import make_accelerator  # noqa: E402
 from embedrag.loading import load_backbone  # noqa: E402
-from embedrag.loss import embedding_loss  # noqa: E402
+from embedrag.loss import embedding_loss, forward_backward  # noqa: E402
 from embedrag.modeling import EmbeddingModel, load_tokenizer  # noqa: E402
-from embedrag.trainer import forward_backward, make_accelerator  # noqa: E402
 from tests.conftest import learnable_rows  # noqa: E402
 
 

@@ -26,12 +26,12 @@ sys.path.insert(0, ROOT)
 
 
 def install(faults: dict) -> None:
-    from embedrag import checkpoints, launch, logs, trainer
+    from embedrag import checkpoints, launch, logs, loss, trainer
 
     if "nan_at_step" in faults:
-        real_loss, calls = trainer.embedding_loss, [0]
+        real_loss, calls = loss.embedding_loss, [0]
 
-        def loss(*args, **kwargs):
+        def nan_loss(*args, **kwargs):
             calls[0] += 1
             value = real_loss(*args, **kwargs)
             rank = int(os.environ.get("RANK", "0"))
@@ -39,7 +39,7 @@ def install(faults: dict) -> None:
                 value = value * float("nan")
             return value
 
-        trainer.embedding_loss = loss
+        loss.embedding_loss = nan_loss
     if "sleep_per_step" in faults:
         real_log = logs.RunLogger.log_step
 

@@ -232,7 +232,7 @@ def test_bf16_autocast_tracks_fp32(tiny_decoder, learnable_data, tmp_path):
 
 
 def test_schedule_warms_up_and_decays_without_a_zero_step():
-    from embedrag.trainer import linear_schedule
+    from embedrag.optim import linear_schedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = linear_schedule(opt, warmup=2, total=5)

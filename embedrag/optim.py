@@ -1,0 +1,32 @@
+"""The optimizer and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from embedrag.config import TrainConfig
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay. `fused` updates all
+    parameters in one kernel (on CPU too) instead of a dozen small ops per tensor."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int,
+                    total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then linear decay. Step s (0-based) trains at lr * factor(s), which is
+    never 0: the first warm-up step already moves the weights (transformers' schedule spends
+    it at lr 0, so a 1-step run would train nothing), and the last step is not wasted either."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return max(total - s, 1) / max(total - warmup, 1)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
