@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass.")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="Weights' dtype for inference.")
+    p.add_argument("--dims", default=None,
+                   help="Also score these prefixes of the embeddings, e.g. 256,128,64 "
+                        "(Matryoshka). Default: training_config.json's matryoshka_dims.")
     p.add_argument("--output_file", default=None, help="Write the metrics here as JSON.")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="Run code shipped with the model repository.")
@@ -95,12 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"evaluate.py: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    from embedrag.config import parse_dims, read_training_config
+
+    saved = read_training_config(args.model_path) or {}
+    try:
+        dims = ([d for d, _ in parse_dims(args.dims)] if args.dims is not None
+                else saved.get("matryoshka_dims") or [])
+    except ValueError as e:
+        parser.exit(2, f"evaluate.py: error: --dims {args.dims}: {e}\n")
     if beir:
         metrics = evaluate_beir(model, tokenizer, args.eval_dataset, settings, split=args.split,
                                 batch_size=args.batch_size, progress=True)
     else:
         metrics = evaluate(model, tokenizer, examples, settings, batch_size=args.batch_size,
-                           progress=True)
+                           progress=True, dims=dims)
     print(format_table({os.path.basename(os.path.normpath(args.model_path)): metrics}))
     if args.output_file:
         with open(args.output_file, "w", encoding="utf-8") as f:

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from embedrag.config import parse_args
     from embedrag.data import DataError, read_jsonl
     from embedrag.inputs import load_rows
+    from embedrag.mixture import expand
 
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
@@ -29,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.streaming:  # read as it streams; the first rows are checked now
             from embedrag.streaming import stream_rows
 
-            rows = stream_rows(cfg.train_dataset)
-        else:
-            rows = load_rows(cfg.train_dataset)  # memory-mapped Arrow, cached for the workers
+            rows = stream_rows(cfg.train_files()[0])
+        else:  # memory-mapped Arrow, cached for the workers; several files: {file: rows}
+            files = expand(cfg.train_files())
+            rows = ({f: load_rows(f) for f in files} if len(files) > 1 else load_rows(files[0]))
         eval_examples = read_jsonl(cfg.eval_dataset) if cfg.eval_dataset else None
     except DataError as e:
         return fail([f"train.py: error: {line}" for line in str(e).splitlines()], 2)

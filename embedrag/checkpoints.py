@@ -84,6 +84,7 @@ class RunState:
     window_samples: int = 0
     epoch_loss: float = 0.0  # loss sums, as of the checkpoint
     window_loss: float = 0.0
+    window_parts: list[float] = field(default_factory=lambda: [0.0, 0.0])  # PARTS' sums
     last_loss: float = float("nan")
     elapsed_s: float = 0.0
     world_size: int = 1
@@ -101,17 +102,20 @@ class Sums:
     window_loss: torch.Tensor
     epoch_loss: torch.Tensor
     tokens: torch.Tensor
+    window_parts: torch.Tensor  # (len(PARTS),) the loss's parts, when a recipe splits it
 
     @classmethod
     def start(cls, state: RunState, device: torch.device) -> Sums:
         return cls(torch.tensor(state.window_loss, device=device),
                    torch.tensor(state.epoch_loss, device=device),
-                   torch.zeros((), dtype=torch.long, device=device))
+                   torch.zeros((), dtype=torch.long, device=device),
+                   torch.tensor(state.window_parts, device=device))
 
     def clone(self) -> Sums:
         return Sums(*(t.clone() for t in dataclasses.astuple(self)))
 
 
+PARTS = ("infonce", "kd")  # logged as loss_infonce, loss_kd when the loss has parts
 STATE_FILE = "trainer_state.json"     # counters and data position; written last
 TENSORS_FILE = "training_state.pt"    # optimizer, scheduler, RNG; loaded with weights_only
 STEP_DIR = re.compile(r"checkpoint-step-(\d+)$")
@@ -265,7 +269,7 @@ def _inside(path: str, folder: str) -> bool:
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse a non-empty --output_dir unless asked, and never one holding the inputs."""
     for flag, path in (("--model_name_or_path", cfg.model_name_or_path),
-                       ("--train_dataset", cfg.train_dataset)):
+                       *(("--train_dataset", f) for f in cfg.train_files())):
         if os.path.exists(path) and _inside(path, cfg.output_dir):
             raise OutputDirError(f"--output_dir {cfg.output_dir} holds {flag} {path}; "
                                  "choose a separate output folder")

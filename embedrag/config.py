@@ -28,6 +28,8 @@ ATTENTIONS = ("model", "bidirectional")
 def _flag(help: str, **kw: Any) -> Any:
     """A dataclass field carrying its --help text (and choices/required) for the parser."""
     default = kw.pop("default", dataclasses.MISSING)
+    if isinstance(default, list):  # a fresh list per instance
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -35,9 +37,11 @@ def _flag(help: str, **kw: Any) -> Any:
 class TrainConfig:
     # --- the seed's flags (names and defaults as the user wrote them) ---
     model_name_or_path: str = _flag("Base model: a local Hugging Face folder or a hub id.")
-    train_dataset: str = _flag(
+    train_dataset: list[str] = _flag(
         'Training rows {"query", "pos": [...], "neg": [...]}: a JSONL file (one per line), a '
-        "Parquet file, a folder written by datasets' save_to_disk, or hub:ORG/NAME[:SPLIT].")
+        "Parquet file, a folder written by datasets' save_to_disk, or hub:ORG/NAME[:SPLIT]. "
+        "Several (or a folder of .jsonl/.parquet files): every optimizer step then draws all of "
+        "its queries from one of them (see --dataset_weights, --dataset_instructions).")
     output_dir: str = _flag("Where final/, checkpoints, JSON logs and runs/ (TensorBoard) go.")
     batch_size: int = _flag("Queries per optimizer micro-step on each process.")
     finetune_type: str = _flag(
@@ -105,6 +109,22 @@ class TrainConfig:
                                 default=0.0)
     seed: int = _flag("Seed for initialisation, shuffling and negative sampling.", default=42)
     num_workers: int = _flag("DataLoader worker processes.", default=0)
+    dataset_weights: str = _flag(
+        "Several --train_dataset files: how often each is picked for a step, e.g. '2,1' "
+        "(one number per file, in order). Default: in proportion to their rows.", default="")
+    dataset_instructions: list[str] = _flag(
+        "Several --train_dataset files: the query instruction of each, in order ('' = "
+        "--query_instruction). A row's own 'prompt' field overrides either.", default=[])
+    kd_weight: float = _flag(
+        "Distillation: add this times KL(teacher || student) over each query's own candidates "
+        "(its positive and negatives) to InfoNCE; the teacher's scores come from the rows' "
+        "pos_scores/neg_scores (see score_teacher.py). 0 = off.", default=0.0)
+    kd_temperature: float = _flag("Distillation: the teacher scores' softmax temperature.",
+                                  default=1.0)
+    matryoshka_dims: str = _flag(
+        "Matryoshka: train every listed prefix of the embedding as an embedding of its own, "
+        "e.g. '384,256,128,64' or weighted '384:1,64:0.5' (the loss is the weighted sum over "
+        "the prefixes, each re-normalised). '' = off.", default="")
     streaming: bool = _flag(
         "Read the training rows as they stream (a shuffle buffer, tokenized on the fly) instead "
         "of converting them first: for inputs too large even to convert. Needs --max_steps; "
@@ -158,6 +178,15 @@ class TrainConfig:
     trust_remote_code: bool = _flag("Run the model repository's own Python code. Off unless asked.",
                                     default=False)
 
+    def train_files(self) -> list[str]:
+        """--train_dataset as a list (a plain string counts as one file)."""
+        return [self.train_dataset] if isinstance(self.train_dataset, str) else \
+            list(self.train_dataset)
+
+    def matryoshka(self) -> list[tuple[int, float]]:
+        """--matryoshka_dims as (dimension, weight) pairs, largest first; [] when off."""
+        return parse_dims(self.matryoshka_dims)
+
     def target_modules(self) -> list[str] | None:
         names = [n.strip() for n in self.lora_target_modules.split(",") if n.strip()]
         return names or None
@@ -183,12 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         kwargs: dict[str, Any] = {"help": meta.pop("help")}
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
-        else:
+        if f.default is not dataclasses.MISSING:
             kwargs["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default"] = f.default_factory()
+        else:
+            kwargs["required"] = True
         if f.type in ("bool", bool):
             kwargs["action"] = "store_true"
+        elif str(f.type) == "list[str]":
+            kwargs.update(nargs="*" if "default" in kwargs else "+", type=str,
+                          metavar=f.name.upper())
         else:
             kind = str(f.type).removesuffix(" | None")
             kwargs["type"] = {"int": int, "float": float, "str": str}[kind]
@@ -219,6 +253,17 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
     if cfg.streaming and (cfg.save_steps or cfg.resume_from_checkpoint):
         problems.append("--streaming has no exact resume: drop --save_steps and "
                         "--resume_from_checkpoint, or train without --streaming")
+    if cfg.kd_temperature <= 0:
+        problems.append(f"--kd_temperature must be > 0, got {cfg.kd_temperature}")
+    if cfg.kd_weight < 0:
+        problems.append(f"--kd_weight must not be negative, got {cfg.kd_weight}")
+    try:
+        parse_dims(cfg.matryoshka_dims)
+    except ValueError as e:
+        problems.append(f"--matryoshka_dims {cfg.matryoshka_dims!r}: {e}")
+    if cfg.streaming and (len(cfg.train_files()) > 1 or cfg.kd_weight):
+        problems.append("--streaming reads one file without teacher scores: drop it to train "
+                        "on several files or with --kd_weight")
     if cfg.temperature <= 0:
         problems.append(f"--temperature must be > 0, got {cfg.temperature}")
     if cfg.lr <= 0:
@@ -237,8 +282,9 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
         problems.append(problem)
     from embedrag.inputs import exists
 
-    if not exists(cfg.train_dataset):
-        problems.append(f"--train_dataset {cfg.train_dataset}: no such file or folder")
+    for spec in cfg.train_files():
+        if not exists(spec):
+            problems.append(f"--train_dataset {spec}: no such file or folder")
     if cfg.eval_dataset and not os.path.isfile(cfg.eval_dataset):
         problems.append(f"--eval_dataset {cfg.eval_dataset}: no such file")
     model = cfg.model_name_or_path
@@ -266,6 +312,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if problems:
         parser.exit(2, "".join(f"train.py: error: {p}\n" for p in problems))
     return cfg
+
+
+def parse_dims(spec: str) -> list[tuple[int, float]]:
+    """'384,64' or '384:1,64:0.5' -> [(384, 1.0), (64, 0.5)], largest first; ValueError."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        dim, _, weight = part.partition(":")
+        try:
+            pairs.append((int(dim), float(weight) if weight else 1.0))
+        except ValueError:
+            raise ValueError(f"'{part}' is not DIM or DIM:WEIGHT") from None
+        if pairs[-1][0] <= 0 or pairs[-1][1] <= 0:
+            raise ValueError(f"'{part}': dimension and weight must be positive")
+    if len({d for d, _ in pairs}) < len(pairs):
+        raise ValueError("a dimension is listed twice")
+    return sorted(pairs, reverse=True)
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -8,6 +8,7 @@ so the cost of an epoch is the model's alone.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,23 @@ class Example:
     pos: list[str]
     neg: list[str]
     line: int
+    prompt: str | None = None               # this row's own query instruction
+    pos_scores: list[float] | None = None   # a teacher's score of each positive
+    neg_scores: list[float] | None = None   # ... and of each negative
+
+
+OPTIONAL = ("prompt", "pos_scores", "neg_scores")
+
+
+def row_features() -> Any:
+    """The Arrow schema every loader gives the training rows."""
+    import datasets
+
+    text, score = datasets.Value("string"), datasets.Value("float64")
+    return datasets.Features({
+        "query": text, "pos": datasets.Sequence(text), "neg": datasets.Sequence(text),
+        "line": datasets.Value("int64"), "prompt": text,
+        "pos_scores": datasets.Sequence(score), "neg_scores": datasets.Sequence(score)})
 
 
 def check_row(obj: Any) -> str | None:
@@ -57,7 +75,24 @@ def check_row(obj: Any) -> str | None:
                 return f"'{key}[{i}]' must be a string, got {type(item).__name__}"
             if not item.strip():
                 return f"'{key}[{i}]' is empty"
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        return f"'prompt' must be a string, got {type(prompt).__name__}"
+    for key, items in (("pos", pos), ("neg", neg)):
+        scores = obj.get(f"{key}_scores")
+        if scores is None:
+            continue
+        if not isinstance(scores, list) or len(scores) != len(items):
+            return (f"'{key}_scores' must be a list of {len(items)} numbers (one per '{key}' "
+                    f"passage), got {_describe(scores)}")
+        for i, x in enumerate(scores):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                return f"'{key}_scores[{i}]' must be a finite number, got {x!r}"
     return None
+
+
+def _describe(value: Any) -> str:
+    return f"{len(value)} item(s)" if isinstance(value, list) else type(value).__name__
 
 
 def read_jsonl(path: str) -> list[Example]:
@@ -87,7 +122,8 @@ def read_jsonl(path: str) -> list[Example]:
         if problem:
             problems.append(f"{path}:{lineno}: {problem}")
             continue
-        examples.append(Example(obj["query"], list(obj["pos"]), list(obj.get("neg", [])), lineno))
+        examples.append(Example(obj["query"], list(obj["pos"]), list(obj.get("neg", [])), lineno,
+                                **{k: obj.get(k) for k in OPTIONAL}))
     if problems:
         shown = problems[:MAX_REPORTED_PROBLEMS]
         more = len(problems) - len(shown)
@@ -157,6 +193,7 @@ class TrainingSet(torch.utils.data.Dataset):
                             f"passages in the file are not positives of this query; "
                             f"--neg_nums {neg_nums} needs {neg_nums}")
         self._query_tokens = self.rows.data.column("query_ids")
+        self.teacher = False  # set to hand each item its candidates' teacher scores
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -187,7 +224,23 @@ class TrainingSet(torch.utils.data.Dataset):
                 if cand not in banned:
                     negs.append(cand)
                     banned.add(cand)
-        return {"row": i, "pos": pos, "negs": negs, "pos_set": relevant}
+        item = {"row": i, "pos": pos, "negs": negs, "pos_set": relevant}
+        if self.teacher:
+            item["scores"] = self.teacher_scores(i, [pos, *negs])
+        return item
+
+    def teacher_scores(self, row: int, numbers: list[int]) -> list[float]:
+        """The row's teacher score of each passage number; NaN where it has none (a row
+        without scores, or a negative topped up from another row)."""
+        score: dict[int, float] = {}
+        table = self.table
+        for kind, ids, off in (("pos", table.pos_ids, table.pos_off),
+                               ("neg", table.neg_ids, table.neg_off)):
+            values = self.rows.data.column(f"{kind}_scores")[row].as_py()
+            for number, value in zip(ids[off[row]:off[row + 1]].tolist(), values or [],
+                                     strict=False):
+                score.setdefault(number, value)
+        return [score.get(n, math.nan) for n in numbers]
 
 
 def rows_dataset(rows: Any) -> Any:
@@ -196,14 +249,9 @@ def rows_dataset(rows: Any) -> Any:
 
     if not isinstance(rows, list):
         return rows
-    features = datasets.Features({
-        "query": datasets.Value("string"),
-        "pos": datasets.Sequence(datasets.Value("string")),
-        "neg": datasets.Sequence(datasets.Value("string")),
-        "line": datasets.Value("int64")})
+    features = row_features()
     return datasets.Dataset.from_dict(
-        {"query": [ex.query for ex in rows], "pos": [ex.pos for ex in rows],
-         "neg": [ex.neg for ex in rows], "line": [ex.line for ex in rows]}, features=features)
+        {name: [getattr(ex, name) for ex in rows] for name in features}, features=features)
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -267,4 +315,7 @@ class Collator:
             "passage_index": torch.tensor([slot[p] for p in passages]),          # (B*G,)
             "passage_ids": torch.tensor(passages), "relevant_ids": relevant,
             "rows": torch.tensor([it["row"] for it in items]),
+            **({"teacher_scores": torch.tensor([it["scores"] for it in items],
+                                               dtype=torch.float32)}            # (B, G)
+               if "scores" in items[0] else {}),
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from embedrag.metrics import METRICS, ranked_metrics, top_ranked
 from embedrag.modeling import EmbedSettings, encode_ids
@@ -18,7 +19,7 @@ from embedrag.modeling import EmbedSettings, encode_ids
 @torch.no_grad()
 def evaluate(model: Any, tokenizer: Any, rows: Any, settings: EmbedSettings,
              batch_size: int = 32, progress: bool = False, accelerator: Any = None,
-             ) -> dict[str, float]:
+             dims: list[int] | None = None) -> dict[str, float]:
     """ndcg@10, mrr@10, recall@1/10/100 and map@100 of `model` (an EmbeddingModel, possibly
     wrapped by Accelerate) on `rows` (embedrag.inputs.load_rows, or a list of Examples).
 
@@ -26,7 +27,8 @@ def evaluate(model: Any, tokenizer: Any, rows: Any, settings: EmbedSettings,
     numbers them; queries and passages are embedded from there, and each query ranked against
     the corpus a block of queries at a time, so a large file costs its embeddings, not Python
     strings. With an `accelerator` of several processes each embeds its share of the texts
-    (see `encode_ids`) and every process returns the same metrics as one would."""
+    (see `encode_ids`) and every process returns the same metrics as one would. `dims`: also
+    the metrics of each listed prefix of the embeddings (re-normalised), as 'dim64/ndcg@10'."""
     from embedrag.data import rows_dataset
     from embedrag.passages import PassageTable, encode
 
@@ -47,7 +49,13 @@ def evaluate(model: Any, tokenizer: Any, rows: Any, settings: EmbedSettings,
                    progress="passages" if progress else "")                   # (C, D)
     model.train(was_training)
     relevant = [set(table.positives(i)) for i in range(len(ds))]
-    return ranked_metrics(top_ranked(q, p, 100), relevant)
+    metrics = ranked_metrics(top_ranked(q, p, 100), relevant)
+    for dim in dims or []:
+        if dim < q.shape[-1]:
+            prefix = [F.normalize(x[:, :dim], dim=-1) for x in (q, p)]
+            metrics.update({f"dim{dim}/{k}": v for k, v in
+                            ranked_metrics(top_ranked(*prefix, 100), relevant).items()})
+    return metrics
 
 
 def pc_lengths(column: Any) -> Any:
@@ -63,4 +71,8 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     lines = [" " * width + "".join(f"{m:>12}" for m in METRICS)]
     for name, metrics in rows.items():
         lines.append(f"{name:<{width}}" + "".join(f"{metrics[m]:>12.4f}" for m in METRICS))
+        for dim in sorted({int(k[3:].split("/")[0]) for k in metrics if k.startswith("dim")},
+                          reverse=True):  # Matryoshka prefixes
+            lines.append(f"{'  ' + str(dim) + ' dims':<{width}}"
+                         + "".join(f"{metrics[f'dim{dim}/{m}']:>12.4f}" for m in METRICS))
     return "\n".join(lines)

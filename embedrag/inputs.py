@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any
 
-from embedrag.data import MAX_REPORTED_PROBLEMS, DataError, check_row
+from embedrag.data import MAX_REPORTED_PROBLEMS, OPTIONAL, DataError, check_row, row_features
 
 HUB = "hub:"
 COLUMNS = ("query", "pos", "neg")
@@ -59,7 +59,8 @@ def _jsonl_rows(path: str):
                 continue
             rows += 1
             yield {"query": obj["query"], "pos": list(obj["pos"]),
-                   "neg": list(obj.get("neg") or []), "line": lineno}
+                   "neg": list(obj.get("neg") or []), "line": lineno,
+                   **{k: obj.get(k) for k in OPTIONAL}}
     if count:
         _raise(problems, count, path)
     if not rows:
@@ -85,18 +86,11 @@ def jsonl_objects(path: str):
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got "
                                 f"{type(obj).__name__}")
-            yield {**{k: obj[k] for k in COLUMNS if k in obj}, "line": lineno}
+            yield {**{k: obj[k] for k in (*COLUMNS, "prompt") if k in obj}, "line": lineno}
 
 
 def _from_jsonl(path: str) -> Any:
-    import datasets
-
-    features = datasets.Features({
-        "query": datasets.Value("string"),
-        "pos": datasets.Sequence(datasets.Value("string")),
-        "neg": datasets.Sequence(datasets.Value("string")),
-        "line": datasets.Value("int64")})
-    return _arrow(_jsonl_rows, path, features)
+    return _arrow(_jsonl_rows, path, row_features())
 
 
 def _arrow(generator: Any, path: str, features: Any) -> Any:
@@ -133,12 +127,17 @@ def _check_arrow(ds: Any, source: str) -> Any:
                         f"{', '.join(ds.column_names)})")
     if "neg" not in ds.column_names:
         ds = ds.add_column("neg", [[]] * len(ds))
-    ds = ds.select_columns(list(COLUMNS))
+    for name in OPTIONAL:
+        if name not in ds.column_names:
+            ds = ds.add_column(name, [None] * len(ds))
+    names = [*COLUMNS, *OPTIONAL]
+    ds = ds.select_columns(names)
     problems, count = [], 0
     for start in range(0, len(ds), 10_000):
         batch = ds[start:start + 10_000]
-        for offset, row in enumerate(zip(*(batch[c] for c in COLUMNS), strict=True)):
-            problem = check_row(dict(zip(COLUMNS, row, strict=True)))
+        for offset, row in enumerate(zip(*(batch[c] for c in names), strict=True)):
+            problem = check_row({k: v for k, v in zip(names, row, strict=True)
+                                 if v is not None or k not in OPTIONAL})
             if problem:
                 count += 1
                 if len(problems) < MAX_REPORTED_PROBLEMS:
@@ -147,7 +146,8 @@ def _check_arrow(ds: Any, source: str) -> Any:
         _raise(problems, count, source)
     if not len(ds):
         raise DataError(f"{source}: no training rows")
-    return ds.add_column("line", list(range(len(ds))))
+    ds = ds.add_column("line", list(range(len(ds))))
+    return ds.cast(row_features())
 
 
 def load_rows(spec: str) -> Any:

@@ -79,6 +79,8 @@ class RunLogger:
         if record.get("grad_norm") is not None:
             self.tb.add_scalar("train/grad_norm", record["grad_norm"], step)
         self.tb.add_scalar("train/samples_per_second", record["samples_per_second"], step)
+        for key in (k for k in record if k.startswith("loss_")):  # the loss's parts
+            self.tb.add_scalar(f"train/{key}", record[key], step)
 
     def log_epoch(self, epoch: int, mean_loss: float, step: int,
                   metrics: dict[str, float] | None = None) -> None:

@@ -15,6 +15,13 @@ A candidate whose text is one of query i's own positives (the same passage drawn
 query, or a second positive of the query) is a false negative: it is masked out of the sum
 rather than pushed away. Use it for any retrieval data with (query, positive[, negatives]) rows.
 
+Two recipes add to it (`objective`): distillation, KL(teacher || student) over each query's
+own candidates (its positive and hard negatives) from a stronger model's scores, as
+FlagEmbedding, sentence-transformers and Tevatron train with (Hinton et al., 2015; RocketQAv2,
+Ren et al., 2021); and Matryoshka representation learning (Kusupati et al., 2022): the same
+loss on each listed prefix of the embedding, re-normalised, summed with weights, so the first
+64 dimensions are an embedding of their own.
+
 GradCache (Gao et al., 2021) computes the same loss and gradients for batches too large to
 backpropagate at once: embed in chunks without a graph, take the loss's gradient with respect
 to the embeddings, then re-embed each chunk with a graph (replaying its dropout) and
@@ -105,6 +112,58 @@ def embedding_loss(q: torch.Tensor, p: torch.Tensor, relevant: torch.Tensor,
     return info_nce(q, p, temperature, mask, targets)
 
 
+def kd_loss(q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor, temperature: float,
+            kd_temperature: float) -> torch.Tensor:
+    """Mean over queries of KL(teacher || student) on each query's own G candidates.
+
+    q: (B, D) and p: (B*G, D) normalised, p row-major as in `info_nce` (this process's slots,
+    not the gathered ones); teacher: (B, G) scores, NaN where a candidate has none (it is left
+    out of both distributions). The student's distribution is softmax(q.p / temperature) over
+    the same candidates, the teacher's softmax(teacher / kd_temperature). Queries without a
+    scored candidate add nothing; with none at all the loss is 0 (with a gradient graph)."""
+    b = q.shape[0]
+    student = torch.einsum("bd,bgd->bg", q.float(), p.float().view(b, -1, p.shape[-1]))
+    student = student / temperature                                        # (B, G)
+    known = torch.isfinite(teacher)
+    rows = known.any(dim=-1)
+    if not rows.any():
+        return student.sum() * 0.0
+    known, student, teacher = known[rows], student[rows], teacher[rows].float()
+    log_t = torch.log_softmax((teacher / kd_temperature).masked_fill(~known, float("-inf")), -1)
+    log_s = torch.log_softmax(student.masked_fill(~known, float("-inf")), -1)
+    # masked_fill (not where) after the log-softmax: no 0 * inf in the forward or backward pass
+    terms = log_t.exp() * (log_t.masked_fill(~known, 0.0) - log_s.masked_fill(~known, 0.0))
+    return terms.sum(dim=-1).mean()
+
+
+def objective(q: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor], cfg: Any,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of a batch and its parts (each a weighted sum over the Matryoshka
+    prefixes): InfoNCE, plus kd_weight times distillation when the batch has teacher scores.
+
+    q: (B, D); p: (B*G, D) the passage of every slot. Without --matryoshka_dims and
+    --kd_weight this is `embedding_loss` itself."""
+    dims = cfg.matryoshka() or [(q.shape[-1], 1.0)]
+    teacher = batch.get("teacher_scores") if cfg.kd_weight else None
+    total = q.new_zeros((), dtype=torch.float32)
+    parts = {"infonce": total.detach().clone()}
+    if teacher is not None:
+        parts["kd"] = total.detach().clone()
+    for dim, weight in dims:
+        qd, pd = q, p
+        if dim < q.shape[-1]:                       # a prefix, re-normalised
+            qd, pd = F.normalize(q[:, :dim], dim=-1), F.normalize(p[:, :dim], dim=-1)
+        nce = embedding_loss(qd, pd, batch["relevant_ids"], batch["passage_ids"],
+                             cfg.temperature, bool(cfg.cross_device_negatives))
+        total = total + weight * nce
+        parts["infonce"] += weight * nce.detach()
+        if teacher is not None:
+            kd = kd_loss(qd, pd, teacher, cfg.temperature, cfg.kd_temperature)
+            total = total + weight * cfg.kd_weight * kd
+            parts["kd"] += weight * kd.detach()
+    return total, parts
+
+
 def _rng_state(device: torch.device) -> tuple:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -184,19 +243,26 @@ def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def forward_backward(accelerator: Any, model: Any, batch: dict[str, torch.Tensor],
-                     cfg: Any, scale: float) -> torch.Tensor:
-    """Embed, score and backpropagate one micro-batch; returns its loss."""
+                     cfg: Any, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Embed, score and backpropagate one micro-batch; returns its loss and the loss's parts."""
+    parts: dict[str, torch.Tensor] = {}
+
     def loss_of(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         p = p[batch["passage_index"]]  # distinct passages -> (B*G, D) slots
-        return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
-                              cfg.temperature, bool(cfg.cross_device_negatives))
+        if not (cfg.kd_weight or cfg.matryoshka_dims):  # plain InfoNCE
+            return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
+                                  cfg.temperature, bool(cfg.cross_device_negatives))
+        loss, found = objective(q, p, batch, cfg)
+        parts.update(found)
+        return loss
 
     if not cfg.grad_cache_chunk_size:
         q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
         p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (P', D)
         loss = loss_of(q, p)
         accelerator.backward(loss * scale)
-        return loss
-    return grad_cache_step(model, batch, cfg.grad_cache_chunk_size, loss_of,
+        return loss, parts
+    loss = grad_cache_step(model, batch, cfg.grad_cache_chunk_size, loss_of,
                            backward=lambda s: accelerator.backward(s * scale),
                            no_sync=lambda: accelerator.no_sync(model))
+    return loss, parts

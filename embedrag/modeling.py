@@ -252,6 +252,14 @@ def find_lora_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     return sorted(inside), excluded
 
 
+def embedding_width(model: EmbeddingModel) -> int:
+    """Dimensions of the embeddings: the last Dense layer's outputs, else the hidden size."""
+    linears = [m for m in (model.head.modules() if model.head is not None else [])
+               if isinstance(m, nn.Linear)]
+    return (linears[-1].out_features if linears
+            else model.backbone.config.get_text_config().hidden_size)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); 4-bit weights count as the parameters they stand for."""
     trainable = total = 0

@@ -42,7 +42,7 @@ def encode(ds: Any, tokenizer: Any, *, query_max_len: int, passage_max_len: int,
 
     settings = (query_max_len, passage_max_len, query_instruction, passage_instruction,
                 append_eos, tokenizer.eos_token_id, _tokenizer_identity(tokenizer))
-    fingerprint = Hasher.hash((ds._fingerprint, "embedrag-encode-2", settings))
+    fingerprint = Hasher.hash((ds._fingerprint, "embedrag-encode-3", settings))
     ids, h = datasets.Value("int32"), datasets.Value("int64")  # token ids fit in 32 bits
     features = datasets.Features({
         **ds.features, "query_ids": datasets.Sequence(ids), "query_h": h,
@@ -79,7 +79,10 @@ def _encode_batch(batch: dict[str, list], tokenizer: Any, settings: tuple) -> di
     from embedrag.data import tokenize
 
     q_len, p_len, q_inst, p_inst, eos = settings
-    out = {"query_ids": tokenize(tokenizer, [q_inst + q for q in batch["query"]], q_len, eos),
+    prompts = batch.get("prompt") or [None] * len(batch["query"])  # a row's own instruction
+    queries = [(q_inst if p is None else p) + q for p, q in zip(prompts, batch["query"],
+                                                                  strict=True)]
+    out = {"query_ids": tokenize(tokenizer, queries, q_len, eos),
            "query_h": [text_hash(q) for q in batch["query"]]}
     for kind in ("pos", "neg"):
         texts = [t for row in batch[kind] for t in row]

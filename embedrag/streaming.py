@@ -36,17 +36,18 @@ RECENT = 4096        # passages kept to top up short rows
 def _checked(rows: Any, source: str, line_of: Any) -> Any:
     """The stream, each row checked as it passes; DataError names the first bad one."""
     def check(row: dict[str, Any], index: int) -> dict[str, Any]:
-        problem = check_row({k: row.get(k) for k in ("query", "pos", "neg") if k in row})
+        problem = check_row({k: row.get(k) for k in ("query", "pos", "neg", "prompt")
+                             if row.get(k) is not None})
         if problem:
             raise DataError(f"{source}{line_of(row, index)}: {problem}")
         return {"query": row["query"], "pos": list(row["pos"]),
-                "neg": list(row.get("neg") or [])}
+                "neg": list(row.get("neg") or []), "prompt": row.get("prompt")}
 
     return rows.map(check, with_indices=True)
 
 
 def stream_rows(spec: str) -> Any:
-    """A datasets IterableDataset of checked rows (query, pos, neg) from any input format;
+    """A datasets IterableDataset of checked rows (query, pos, neg, prompt) from any input format;
     the first CHECK_AHEAD rows are checked now."""
     import datasets
 

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from embedrag.checkpoints import (
+    PARTS,
     RunState,
     Sums,
     check_output_dir,
@@ -27,7 +28,7 @@ from embedrag.checkpoints import (
     save_step_checkpoint,
 )
 from embedrag.config import TrainConfig, embedding_config, write_json
-from embedrag.data import Collator, DataError, EpochShuffle, Example, TrainingSet
+from embedrag.data import Collator, DataError, Example
 from embedrag.evaluation import evaluate, format_table
 from embedrag.launch import make_accelerator
 from embedrag.loading import (
@@ -39,10 +40,12 @@ from embedrag.loading import (
 )
 from embedrag.logs import RunLogger, eval_summary, peak_memory
 from embedrag.loss import forward_backward
+from embedrag.mixture import training_data
 from embedrag.modeling import (
     EmbeddingModel,
     EmbedSettings,
     count_parameters,
+    embedding_width,
     freeze_unreached,
     load_tokenizer,
     resolve_append_eos,
@@ -107,18 +110,23 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
         data = StreamingSet(rows, tokenizer, buffer=cfg.shuffle_buffer, **texts)
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size,
                                              num_workers=cfg.num_workers, collate_fn=collate)
+        datasets_used = [{"path": cfg.train_files()[0], "streamed": True}]
     else:
+        # One file in a seeded order; several, one file per optimizer step (mixture.py).
         with accelerator.main_process_first():  # one process tokenizes, the others read it
-            data = TrainingSet(rows, tokenizer, source=cfg.train_dataset,
-                               num_proc=cfg.preprocessing_num_workers or None, **texts)
+            data, sampler, datasets_used = training_data(
+                rows, tokenizer, cfg, texts, world * cfg.batch_size
+                * cfg.gradient_accumulation_steps)
         collate.data = data
+        for part in getattr(data, "parts", [data]):  # items carry their teacher scores
+            part.teacher = cfg.kd_weight > 0
         if data.short_rows:
             say(f"note: {data.short_rows} of {len(data)} rows have fewer than {cfg.neg_nums} "
                 "negatives; they are topped up with other rows' passages")
         # The loader's own generator only seeds its workers; keeping it off the global
         # generator leaves dropout's random stream to the model.
         loader = torch.utils.data.DataLoader(
-            data, batch_size=cfg.batch_size, sampler=EpochShuffle(len(data), cfg.seed),
+            data, batch_size=cfg.batch_size, sampler=sampler,
             num_workers=cfg.num_workers, collate_fn=collate,
             generator=torch.Generator().manual_seed(cfg.seed))
 
@@ -145,8 +153,14 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
     if unused:
         say(f"note: {len(unused)} parameter tensor(s) the embedding does not use are frozen "
             f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")
+    width = embedding_width(model)
+    if cfg.matryoshka() and cfg.matryoshka()[0][0] > width:
+        raise LaunchError(f"--matryoshka_dims {cfg.matryoshka_dims}: the model's embeddings "
+                          f"have {width} dimensions")
     info.update(frozen_unused_parameters=unused, settings_from=sources,
-                dense_modules=recipe.dense, attention=cfg.attention)
+                dense_modules=recipe.dense, attention=cfg.attention, embedding_dim=width,
+                matryoshka_dims=[d for d, _ in cfg.matryoshka()] or None,
+                datasets=datasets_used)
     trainable, total = count_parameters(model)
     # Sharded weights (DeepSpeed, FSDP): every process takes part in each forward pass, and
     # the optimizer state is not whole on any one of them (nor are fused kernels known to work).
@@ -185,8 +199,9 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
     accelerator.wait_for_everyone()
     logger = RunLogger(cfg.output_dir, enabled=main, resume_epoch=state.epoch,
                        resume_step=state.step if resume_from else None)
-    rows_seen = ("streamed rows" if cfg.streaming
-                 else f"{len(data)} rows, {data.table.size} passages")
+    rows_seen = ("streamed rows" if cfg.streaming else f"{len(data)} rows, "
+                 f"{sum(d['passages'] for d in datasets_used)} passages"
+                 + (f" in {len(datasets_used)} files" if len(datasets_used) > 1 else ""))
     say(f"embedrag: {cfg.finetune_type} on {cfg.model_name_or_path} | {rows_seen} | "
         f"{world} process(es) x batch {cfg.batch_size} x accum "
         f"{accum} | {total_steps} steps ({warmup_steps} warmup) | "
@@ -202,7 +217,8 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             metrics = evaluate(model if sharded else accelerator.unwrap_model(model),
                                tokenizer, eval_examples, settings,
                                batch_size=cfg.eval_batch_size,
-                               accelerator=None if sharded else accelerator)
+                               accelerator=None if sharded else accelerator,
+                               dims=[d for d, _ in cfg.matryoshka()])
         logger.log_eval(metrics, step)
         say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
@@ -214,6 +230,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
         # (mean + its own new sum) over processes is what an uninterrupted run logs.
         position = dataclasses.replace(
             at, window_loss=accelerator.reduce(sums.window_loss, "mean").item(),
+            window_parts=accelerator.reduce(sums.window_parts, "mean").tolist(),
             epoch_loss=accelerator.reduce(sums.epoch_loss, "mean").item(),
             tokens=at.tokens + int(sums.tokens) * world,
             elapsed_s=at.elapsed_s + time.perf_counter() - start)
@@ -273,8 +290,8 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             window = accum if batches_per_epoch is None else \
                 min(accum, batches_per_epoch - micro // accum * accum)
             with accelerator.accumulate(model):
-                loss = forward_backward(accelerator, model, batch, cfg,
-                                        accum / window if window < accum else 1.0)
+                loss, parts = forward_backward(accelerator, model, batch, cfg,
+                                               accum / window if window < accum else 1.0)
                 nonfinite += ~torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
                     # One host sync per optimizer step, agreed by all processes: a NaN on one
@@ -294,6 +311,9 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             state.slots += world * (batch["query_input_ids"].numel()
                                     + batch["passage_input_ids"].numel())
             sums.window_loss += loss.detach()
+            for i, name in enumerate(PARTS):
+                if name in parts:
+                    sums.window_parts[i] += parts[name]
             sums.epoch_loss += loss.detach()
             state.window_micro += 1
             state.epoch_micro += 1
@@ -316,10 +336,15 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                     "tokens": state.tokens + int(sums.tokens) * world,  # since the run began
                     "elapsed_s": state.elapsed_s + now - start,
                 }
+                if cfg.kd_weight or cfg.matryoshka_dims:  # the loss's parts, as means
+                    means = accelerator.reduce(sums.window_parts, "mean") / state.window_micro
+                    record.update({f"loss_{name}": v for name, v in zip(
+                        PARTS, means.tolist(), strict=True) if name != "kd" or cfg.kd_weight})
                 logger.log_step(record)
                 bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}",
                                 sps=f"{record['samples_per_second']:.1f}")
                 sums.window_loss.zero_()
+                sums.window_parts.zero_()
                 state.window_micro, state.window_samples, window_time = 0, 0, now
             good = (dataclasses.replace(state), sums.clone())
             if cfg.save_steps and step % cfg.save_steps == 0:
@@ -327,7 +352,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             if step >= total_steps:
                 break
         if state.epoch_micro == 0:
-            raise DataError(f"{cfg.train_dataset}: a pass over the rows gave no batch")
+            raise DataError(f"{cfg.train_files()[0]}: a pass over the rows gave no batch")
         epoch_mean = (accelerator.reduce(sums.epoch_loss, "mean").item()
                       / max(state.epoch_micro, 1))
         epoch_eval = run_eval(state.step)

@@ -175,3 +175,42 @@ def test_why_quantized_layers_are_kept_on_their_training_kernels(tiny_decoder):
             assert torch.equal(after, before)
         else:
             assert after is None  # bitsandbytes' inference kernel: no gradient to the input
+
+
+def test_matryoshka_prefixes_are_trained_and_scored_per_dimension(tiny_decoder, learnable_data,
+                                                                 tmp_path, capsys):
+    """In-training eval, evaluate.py (dims from training_config.json) and a model whose
+    embeddings are themselves the re-normalised 32-dimension prefix all agree."""
+    from embedrag.evaluation import evaluate
+    from embedrag.inputs import load_rows
+    from embedrag.loading import load_embedder
+
+    out = tmp_path / "mrl"
+    code, summary, _ = run_train(tiny_decoder, learnable_data, out, "--finetune_type", "lora",
+                                 "--matryoshka_dims", "64,32:0.5", "--eval_dataset",
+                                 learnable_data, "--save_on_epoch_end", "0")
+    assert code == 0
+    after = {k: v["after"] for k, v in summary["eval"]["metrics"].items()}
+    assert {"dim32/ndcg@10", "ndcg@10"} <= set(after) and "dim64/ndcg@10" not in after
+    assert json.loads((out / "final" / "training_config.json").read_text())[
+        "matryoshka_dims"] == [64, 32]
+    logs = json.loads((out / "detailed_training_logs.json").read_text())
+    assert "loss_infonce" in logs[0] and "loss_kd" not in logs[0]
+    result = tmp_path / "metrics.json"
+    printed = _evaluate(capsys, "--model_path", str(out / "final"), "--eval_dataset",
+                        learnable_data, "--output_file", str(result))
+    assert "32 dims" in printed
+    assert json.loads(result.read_text()) == pytest.approx(after, abs=1e-6)
+
+    model, tok, settings = load_embedder(str(out / "final"))
+
+    class Prefix(torch.nn.Module):  # the 32-dimension embedding as a model of its own
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids, mask):
+            return torch.nn.functional.normalize(self.inner(ids, mask)[:, :32], dim=-1)
+
+    prefix = evaluate(Prefix(), tok, load_rows(learnable_data), settings)
+    assert {k: after[f"dim32/{k}"] for k in prefix} == pytest.approx(prefix, abs=1e-6)

@@ -60,3 +60,83 @@ def test_gradient_matches_float64_autograd():
     F.cross_entropy(scores, torch.arange(3) * 3).backward()
     assert torch.allclose(q32.grad.double(), q64.grad, atol=1e-4)
     assert torch.allclose(p32.grad.double(), p64.grad, atol=1e-4)
+
+
+def reference_kd(q, p, teacher, temperature, kd_temperature):
+    """KL(teacher || student) over each query's own scored candidates, by loops in float64."""
+    q, p, teacher = q.double().tolist(), p.double().tolist(), teacher.double().tolist()
+    group = len(p) // len(q)
+    total, counted = 0.0, 0
+    for i, qi in enumerate(q):
+        known = [k for k in range(group) if math.isfinite(teacher[i][k])]
+        if not known:
+            continue
+        s = {k: sum(a * b for a, b in zip(qi, p[i * group + k], strict=True)) / temperature
+             for k in known}
+        t = {k: teacher[i][k] / kd_temperature for k in known}
+        zs = math.log(sum(math.exp(v) for v in s.values()))
+        zt = math.log(sum(math.exp(v) for v in t.values()))
+        total += sum(math.exp(t[k] - zt) * ((t[k] - zt) - (s[k] - zs)) for k in known)
+        counted += 1
+    return total / counted if counted else 0.0
+
+
+def test_kd_matches_float64_reference_with_unscored_candidates():
+    from embedrag.loss import kd_loss
+
+    q, p = _batch(b=4, g=3, d=8, seed=2)
+    teacher = torch.tensor([[3.0, 1.0, -1.0], [2.0, float("nan"), 0.5],
+                            [float("nan")] * 3, [0.0, 0.0, 4.0]])
+    for t, kt in ((0.05, 1.0), (0.02, 0.5), (1.0, 2.0)):
+        got = kd_loss(q, p, teacher, t, kt).item()
+        want = reference_kd(q, p, teacher, t, kt)
+        assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (t, kt, got, want)
+    # the KL is zero exactly when the student's distribution is the teacher's
+    student = torch.einsum("bd,bgd->bg", q, p.view(4, 3, -1)) / 0.05
+    assert abs(kd_loss(q, p, student * 2.0, 0.05, 2.0).item()) < 1e-5
+
+
+def test_kd_gradient_matches_float64_autograd_and_is_finite():
+    from embedrag.loss import kd_loss
+
+    q, p = _batch(b=3, g=4, d=8, seed=3)
+    teacher = torch.tensor([[2.0, float("nan"), 1.0, 0.0], [1.0, 1.0, 1.0, 1.0],
+                            [float("nan"), 3.0, float("nan"), float("nan")]])
+    q32, p32 = q.clone().requires_grad_(), p.clone().requires_grad_()
+    kd_loss(q32, p32, teacher, 0.05, 0.5).backward()
+    q64, p64 = q.double().requires_grad_(), p.double().requires_grad_()
+    terms = []
+    for i in range(3):  # a second implementation: per query, on its known candidates only
+        known = [k for k in range(4) if math.isfinite(teacher[i, k])]
+        s = torch.stack([q64[i] @ p64[i * 4 + k] for k in known]) / 0.05
+        t = torch.log_softmax(teacher[i, known].double() / 0.5, 0)
+        terms.append((t.exp() * (t - torch.log_softmax(s, 0))).sum())
+    torch.stack(terms).mean().backward()
+    assert torch.isfinite(q32.grad).all() and torch.isfinite(p32.grad).all()
+    assert torch.allclose(q32.grad.double(), q64.grad, atol=1e-4)
+    assert torch.allclose(p32.grad.double(), p64.grad, atol=1e-4)
+
+
+def test_objective_sums_weighted_matryoshka_prefixes_and_distillation():
+    from types import SimpleNamespace
+
+    from embedrag.config import parse_dims
+    from embedrag.loss import objective
+
+    q, p = _batch(b=3, g=3, d=8, seed=4)
+    teacher = torch.tensor([[2.0, 0.0, 1.0], [1.0, float("nan"), 0.0], [0.5, 0.5, 3.0]])
+    batch = {"relevant_ids": torch.arange(3)[:, None] * 3, "passage_ids": torch.arange(9),
+             "teacher_scores": teacher}
+    spec = "8:1,4:0.5,2:0.25"
+    cfg = SimpleNamespace(matryoshka=lambda: parse_dims(spec), matryoshka_dims=spec,
+                          kd_weight=0.3, kd_temperature=0.7, temperature=0.05,
+                          cross_device_negatives=1)
+    loss, parts = objective(q, p, batch, cfg)
+    nce = kd = 0.0
+    for dim, w in ((8, 1.0), (4, 0.5), (2, 0.25)):
+        qd, pd = F.normalize(q[:, :dim].double(), dim=-1), F.normalize(p[:, :dim].double(), dim=-1)
+        nce += w * reference_info_nce(qd, pd, 0.05)
+        kd += w * reference_kd(qd, pd, teacher, 0.05, 0.7)
+    assert abs(parts["infonce"].item() - nce) < 1e-4
+    assert abs(parts["kd"].item() - kd) < 1e-4
+    assert abs(loss.item() - (nce + 0.3 * kd)) < 1e-4

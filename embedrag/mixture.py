@@ -1,0 +1,169 @@
+"""Several training files, one per optimizer step.
+
+Users mix retrieval, QA and paraphrase sets, each with its own instruction. Negatives from
+another task are trivially easy, so a batch mixing tasks teaches little; FlagEmbedding
+(`same_dataset_within_batch`), sentence-transformers' round-robin/proportional batch samplers
+and GritLM fill each batch from one set. Here every optimizer step — all its micro-batches, on
+every process — draws its queries from one file:
+
+    block = processes x batch size x accumulation steps   (the rows of one optimizer step)
+
+`FileBatches` orders an epoch's rows block by block, each block from one file, and Accelerate's
+batch sharding (process r takes batches r, W + r, ...) hands each process its share of the
+block. The order is a function of (seed, epoch) alone, so a resumed run replays it, and an
+epoch has a whole number of blocks, so no step straddles two files. Files are picked in
+proportion to their rows (each contributes ceil(rows / block) blocks an epoch), or by
+weights (the same number of blocks in all, shared out by weight; a file then repeats rows or
+leaves some for the next epoch, drawn through a reshuffled cycle of its own rows).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def expand(specs: list[str]) -> list[str]:
+    """--train_dataset as files: a folder that is not a save_to_disk folder stands for the
+    data files in it (sorted by name)."""
+    files = []
+    for spec in specs:
+        saved = any(os.path.isfile(os.path.join(spec, f))
+                    for f in ("state.json", "dataset_dict.json"))
+        if os.path.isdir(spec) and not saved:
+            files += sorted(os.path.join(spec, f) for f in os.listdir(spec)
+                            if f.endswith(DATA_SUFFIXES))
+        else:
+            files.append(spec)
+    return files
+
+
+def _permutation(n: int, *key: Any) -> list[int]:
+    seed = random.Random(":".join(map(str, key))).getrandbits(63)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class FileBatches(torch.utils.data.Sampler):
+    """Indices into a MixedSet, `block` consecutive ones at a time from one file."""
+
+    def __init__(self, sizes: list[int], block: int, seed: int,
+                 weights: list[float] | None = None):
+        self.sizes, self.block, self.seed, self.epoch = sizes, block, seed, 1
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        blocks = [math.ceil(n / block) for n in sizes]
+        if weights:  # the epoch's blocks shared out by weight (at least one each)
+            total = sum(blocks)
+            blocks = [max(1, round(total * w / sum(weights))) for w in weights]
+        self.blocks = blocks
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(self.blocks) * self.block
+
+    def plan(self) -> list[int]:
+        """The file of each block of this epoch."""
+        files = [f for f, k in enumerate(self.blocks) for _ in range(k)]
+        return [files[i] for i in _permutation(len(files), self.seed, "files", self.epoch)]
+
+    def __iter__(self):
+        cursors, orders = [0] * len(self.sizes), [None] * len(self.sizes)
+        for f in self.plan():
+            for _ in range(self.block):  # the file's rows in a reshuffled cycle
+                turn, at = divmod(cursors[f], self.sizes[f])
+                if at == 0:
+                    orders[f] = _permutation(self.sizes[f], self.seed, "rows", self.epoch, f, turn)
+                cursors[f] += 1
+                yield self.offsets[f] + orders[f][at]
+
+
+class MixedSet(torch.utils.data.Dataset):
+    """Several TrainingSets as one: rows and passages numbered file after file."""
+
+    def __init__(self, parts: list[Any]):
+        self.parts = parts
+        self.row_offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).tolist()
+        self.passage_offsets = np.concatenate(
+            [[0], np.cumsum([p.table.size for p in parts])]).tolist()
+        self.short_rows = sum(p.short_rows for p in parts)
+        self.passages = self.passage_offsets[-1]
+
+    def __len__(self) -> int:
+        return self.row_offsets[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    def _where(self, offsets: list[int], number: int) -> tuple[int, int]:
+        f = int(np.searchsorted(offsets, number, side="right")) - 1
+        return f, number - offsets[f]
+
+    def query_tokens(self, row: int) -> list[int]:
+        f, local = self._where(self.row_offsets, row)
+        return self.parts[f].query_tokens(local)
+
+    def passage_tokens(self, number: int) -> list[int]:
+        f, local = self._where(self.passage_offsets, number)
+        return self.parts[f].passage_tokens(local)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        f, local = self._where(self.row_offsets, row)
+        item = self.parts[f][local]
+        shift = self.passage_offsets[f]
+        return {**item, "row": row, "pos": item["pos"] + shift,
+                "negs": [n + shift for n in item["negs"]],
+                "pos_set": [n + shift for n in item["pos_set"]], "file": f}
+
+
+def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
+                  block: int) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """(dataset, sampler, what each file is) for one file (`rows`: a dataset or Examples) or
+    several (`rows`: {file: dataset}). One file is a TrainingSet in EpochShuffle order, as
+    ever; several are a MixedSet in FileBatches order."""
+    from embedrag.data import DataError, EpochShuffle, TrainingSet
+
+    num_proc = cfg.preprocessing_num_workers or None
+    if not isinstance(rows, dict):
+        data = TrainingSet(rows, tokenizer, source=cfg.train_files()[0], num_proc=num_proc,
+                           **texts)
+        return data, EpochShuffle(len(data), cfg.seed), [_describe(
+            cfg.train_files()[0], data, texts["query_instruction"], 1.0)]
+    files = list(rows)
+    instructions = cfg.dataset_instructions or [""] * len(files)
+    weights = [float(w) for w in cfg.dataset_weights.split(",")] if cfg.dataset_weights else []
+    for name, values in (("--dataset_instructions", instructions),
+                         ("--dataset_weights", weights)):
+        if values and len(values) != len(files):
+            raise DataError(f"{name}: {len(values)} given for {len(files)} training files "
+                            f"({', '.join(files)})")
+    if any(w <= 0 for w in weights):
+        raise DataError(f"--dataset_weights {cfg.dataset_weights}: weights must be positive")
+    parts = []
+    for path, instruction in zip(files, instructions, strict=True):
+        parts.append(TrainingSet(rows[path], tokenizer, source=path, num_proc=num_proc,
+                                 **{**texts, "query_instruction": instruction
+                                    or texts["query_instruction"]}))
+    sampler = FileBatches([len(p) for p in parts], block, cfg.seed, weights or None)
+    share = np.array(sampler.blocks) / sum(sampler.blocks)
+    described = [_describe(path, part, instruction or texts["query_instruction"], float(s))
+                 for path, part, instruction, s in zip(files, parts, instructions, share,
+                                                       strict=True)]
+    return MixedSet(parts), sampler, described
+
+
+def _describe(path: str, data: Any, instruction: str, share: float) -> dict[str, Any]:
+    """What training_config.json records of a file."""
+    prompts = data.rows.data.column("prompt")
+    return {"path": path, "rows": len(data), "passages": data.table.size,
+            "query_instruction": instruction, "rows_with_own_prompt": len(prompts)
+            - prompts.null_count, "share_of_steps": round(share, 4),
+            "rows_with_teacher_scores": len(data) - data.rows.data.column("pos_scores").null_count}
