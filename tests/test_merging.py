@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import merge as merge_script
 from embedrag.merging import PROBES
@@ -179,6 +180,11 @@ def test_sentence_transformers_embeds_as_training(name, adapters, tiny_decoder, 
     st = SentenceTransformer(str(out), device="cpu")
     got = st.encode(PROBES, convert_to_tensor=True, batch_size=4)
     assert (got.cpu() - want).abs().max().item() < 1e-5
+    # a Matryoshka user's pick of a prefix: sentence-transformers' truncate_dim, compared
+    # by cosine (it truncates after normalising)
+    short = SentenceTransformer(str(out), device="cpu", truncate_dim=16)
+    got = F.normalize(short.encode(PROBES, convert_to_tensor=True).cpu(), dim=-1)
+    assert (got - F.normalize(want[:, :16], dim=-1)).abs().max().item() < 1e-5
 
 
 def _fail(args, capsys, message, code=2):

@@ -123,3 +123,22 @@ def test_distillation_logs_both_parts_and_moves_the_student_toward_the_teacher(
     first = sum(r["loss_kd"] for r in logs[:3]) / 3
     last = sum(r["loss_kd"] for r in logs[-3:]) / 3
     assert last < first and math.isfinite(last)
+
+
+def test_distillation_and_matryoshka_through_grad_cache_equal_plain_backprop(tiny_decoder,
+                                                                              tmp_path):
+    rows = learnable_rows(16)
+    for i, row in enumerate(rows):
+        row["pos_scores"] = [1.0 + i % 3]
+        row["neg_scores"] = [float(i % 4), 0.5, -1.0]
+    data = write_jsonl(tmp_path / "scored.jsonl", rows)
+    # no dropout: chunks draw other masks than one whole forward pass (test_scale replays them)
+    flags = ["--finetune_type", "lora", "--kd_weight", "0.5", "--matryoshka_dims", "64,16:0.5",
+             "--epochs", "1", "--lora_dropout", "0"]
+    logs = []
+    for name, extra in (("plain", []), ("cached", ["--grad_cache_chunk_size", "3"])):
+        out = tmp_path / name
+        assert run_train(tiny_decoder, data, out, *flags, *extra)[0] == 0
+        logs.append(json.loads((out / "detailed_training_logs.json").read_text()))
+    for key in ("loss", "loss_infonce", "loss_kd"):
+        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], abs=1e-5)
