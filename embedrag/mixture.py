@@ -135,6 +135,8 @@ def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
     if not isinstance(rows, dict):
         data = TrainingSet(rows, tokenizer, source=cfg.train_files()[0], num_proc=num_proc,
                            **texts)
+        if cfg.kd_weight:
+            _check_scored(cfg.train_files()[0], data)
         return data, EpochShuffle(len(data), cfg.seed), [_describe(
             cfg.train_files()[0], data, texts["query_instruction"], 1.0)]
     files = list(rows)
@@ -152,12 +154,33 @@ def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
         parts.append(TrainingSet(rows[path], tokenizer, source=path, num_proc=num_proc,
                                  **{**texts, "query_instruction": instruction
                                     or texts["query_instruction"]}))
+    if cfg.kd_weight:
+        for path, part in zip(files, parts, strict=True):
+            _check_scored(path, part)
     sampler = FileBatches([len(p) for p in parts], block, cfg.seed, weights or None)
     share = np.array(sampler.blocks) / sum(sampler.blocks)
     described = [_describe(path, part, instruction or texts["query_instruction"], float(s))
                  for path, part, instruction, s in zip(files, parts, instructions, share,
                                                        strict=True)]
     return MixedSet(parts), sampler, described
+
+
+def _check_scored(path: str, data: Any) -> None:
+    """Distillation needs a teacher score for every passage of every row: DataError naming
+    the first row without them."""
+    import pyarrow.compute as pc
+
+    from embedrag.data import DataError
+
+    table = data.rows.data
+    missing = pc.or_(pc.is_null(table.column("pos_scores")),
+                     pc.and_(pc.is_null(table.column("neg_scores")),
+                             pc.greater(pc.list_value_length(table.column("neg")), 0)))
+    if pc.any(missing).as_py():
+        row = int(pc.index(missing, True).as_py())
+        raise DataError(f"{path}:{data.rows[row]['line']}: no teacher scores ('pos_scores' and "
+                        "'neg_scores'); --kd_weight needs one for every passage "
+                        "(score_teacher.py writes them)")
 
 
 def _describe(path: str, data: Any, instruction: str, share: float) -> dict[str, Any]:

@@ -105,12 +105,17 @@ def test_train_refuses_bad_scores_naming_the_line(fields, message, tiny_decoder,
 
 
 def test_distillation_logs_both_parts_and_moves_the_student_toward_the_teacher(
-        tiny_decoder, tmp_path):
+        tiny_decoder, tmp_path, capsys):
     rows = learnable_rows(24)
     for row in rows:  # a teacher that prefers the first negative to the positive
         row["pos_scores"] = [2.0]
         row["neg_scores"] = [3.0, 0.0, -1.0]
-    rows[0].pop("neg_scores")  # a row scored in part: only its positive has a score
+    rows[1].pop("neg_scores")  # a row scored in part is refused, naming its line
+    data = write_jsonl(tmp_path / "partial.jsonl", rows)
+    code = run_train(tiny_decoder, data, tmp_path / "refused", "--finetune_type", "lora",
+                     "--kd_weight", "0.5")[0]
+    assert code == 2 and f"{data}:2: no teacher scores" in capsys.readouterr().err
+    rows[1]["neg_scores"] = [3.0, 0.0, -1.0]
     data = write_jsonl(tmp_path / "scored.jsonl", rows)
     out = tmp_path / "out"
     code, summary, _ = run_train(tiny_decoder, data, out, "--finetune_type", "lora",
