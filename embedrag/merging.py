@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from embedrag import quiet
 from embedrag.checkpoints import atomic_dir, commit_dir
 from embedrag.config import read_training_config, write_json
 from embedrag.loading import (
@@ -176,7 +177,8 @@ class Trained:
         if adapter:
             from peft import PeftModel
 
-            backbone = PeftModel.from_pretrained(backbone, self.folder)
+            with quiet.peft_model_construction():
+                backbone = PeftModel.from_pretrained(backbone, self.folder)
         return EmbeddingModel(backbone, self.settings.pooling, self.head,
                               self.head_names).eval()
 
