@@ -210,13 +210,16 @@ def sentence_transformers_snippet(u: Usage) -> str:
             model_kwargs += ', "trust_remote_code": True'
         model_kwargs += "}"
         extra = ""
-        if u.bidirectional:
-            value = "False" if u.bidirectional == "is_causal" else "True"
-            extra = f',\n                          config_kwargs={{"{u.bidirectional}": {value}}}'
+        if u.bidirectional == "use_bidirectional_attention":  # a setting the config declares
+            extra = (",\n                          "
+                     'config_kwargs={"use_bidirectional_attention": True}')
         if u.adapter:
             lines.append("# The adapter folder: its base (from adapter_config.json) with the "
                          "adapter on it.")
         lines.append(f"transformer = Transformer(model_path, model_kwargs={model_kwargs}{extra})")
+        if u.bidirectional == "is_causal":  # not a declared setting: config_kwargs drop it
+            lines.append("transformer.auto_model.config.is_causal = False  # trained with "
+                         "bidirectional attention")
         lines += _eos(u, "transformer.tokenizer")
         if u.kind == "qlora":
             lines += _training_kernels("transformer.auto_model")
