@@ -20,7 +20,7 @@ def test_the_picture_holds_the_logged_loss_rate_and_metrics(cli_run):
 
     fig = plot_curves(curve_data(str(out)))
     loss, rate, evaluation = fig.axes
-    assert list(loss.lines[0].get_xdata()) == [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert list(loss.lines[0].get_xdata()) == [r["step"] for r in steps] == [1, 2, 3]
     assert list(loss.lines[0].get_ydata()) == [r["loss"] for r in steps]
     assert list(rate.lines[0].get_ydata()) == [r["learning_rate"] for r in steps]
     assert [line.get_xdata()[0] for line in loss.lines[1:]] == [2.5]  # epoch 2 starts at step 3
