@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import re
 import shutil
 from typing import Any
@@ -22,7 +21,8 @@ from embedrag import __version__
 from embedrag.config import TrainConfig, read_json, read_training_config
 from embedrag.curves import FILE as CURVES
 from embedrag.curves import write_curves
-from embedrag.usage import Usage, sentence_transformers_snippet, transformers_snippet
+from embedrag.perf import hardware
+from embedrag.usage import Usage, sentence_transformers_snippet, transformers_snippet, usage_of
 
 CARD = "README.md"
 PRECISION = {"bf16": "bfloat16 autocast", "fp16": "float16 autocast", "no": "float32"}
@@ -94,23 +94,6 @@ def count_rows(spec: str) -> int | None:
     return _ROWS[key]
 
 
-def hardware() -> str:
-    """What this process runs on: its GPUs, else the CPU model and its cores."""
-    import torch
-
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return ", ".join(f"{names.count(n)} x {n}" for n in dict.fromkeys(names))
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        name = found.group(1).strip() if found else name
-    except OSError:
-        pass
-    return f"CPU: {name}, {os.cpu_count()} cores visible"
-
-
 def progress(folder: str, args: dict[str, Any], summary: dict[str, Any] | None,
              name: str = "") -> dict:
     """How far training had come when this folder was written: from the run's summary (a
@@ -150,39 +133,6 @@ def _eval_table(before: dict | None, per_epoch: list[dict]) -> dict | None:
     return {"metrics": {m: {**({"before": before[m]} if before else {}),
                             **{f"epoch {e['epoch']}": e[m] for e in per_epoch}}
                         for m in metrics}}
-
-
-def usage_of(config: dict[str, Any], folder: str, tokenizer: Any, path: str = "") -> Usage:
-    """The Usage of the model in `folder` (its training_config.json, tokenizer and config),
-    to be read from `path` (default: `folder`)."""
-    from transformers import AutoConfig
-
-    kind = config["finetune_type"]
-    adapter = kind in ("lora", "qlora")
-    remote = bool((config.get("train_args") or {}).get("trust_remote_code"))
-    model_config = AutoConfig.from_pretrained(config["base_model"] if adapter else folder,
-                                              trust_remote_code=remote)
-    text_config = model_config.get_text_config()
-    bidirectional = None
-    if adapter and config.get("attention") == "bidirectional":
-        bidirectional = ("use_bidirectional_attention"
-                         if hasattr(model_config, "use_bidirectional_attention") else "is_causal")
-    template = None
-    if config.get("append_eos"):
-        from embedrag.merging import eos_template
-
-        single, _, specials = eos_template(tokenizer)
-        template = (single, specials)
-    return Usage(model_path=path or folder, kind=kind, pooling=config["pooling"],
-                 dim=text_config.hidden_size,
-                 query_instruction=config.get("query_instruction") or "",
-                 passage_instruction=config.get("passage_instruction") or "",
-                 query_max_len=config["query_max_len"],
-                 passage_max_len=config["passage_max_len"],
-                 base_path=config["base_model"] if adapter else None,
-                 bits=config.get("quantization_bits") if kind == "qlora" else None,
-                 eos_template=template, bidirectional=bidirectional,
-                 dense=list(config.get("dense_modules") or []), trust_remote_code=remote)
 
 
 # --- the card ---
@@ -242,6 +192,141 @@ def _mode(config: dict[str, Any], args: dict[str, Any]) -> str:
     return mode
 
 
+def front_matter(kind: str, base_id: str | None, base_meta: dict[str, Any],
+                 train_data: str) -> dict[str, Any]:
+    """The Hub's metadata: what the model is, what it came from, under which license."""
+    meta: dict[str, Any] = {"base_model": base_id} if base_id else {}
+    meta["library_name"] = {"lora": "peft", "qlora": "peft", "full": "transformers",
+                            "merged": "sentence-transformers"}[kind]
+    meta["pipeline_tag"] = "sentence-similarity" if kind == "merged" else "feature-extraction"
+    meta["tags"] = ["embedrag", "text-embeddings", "retrieval", "sentence-similarity",
+                    "feature-extraction", *(["sentence-transformers"] if kind == "merged" else []),
+                    {"lora": "lora", "qlora": "qlora", "full": "full-fine-tune",
+                     "merged": "merged-lora"}[kind]]
+    for key in ("license", "license_name", "license_link"):
+        if base_meta.get(key):
+            meta[key] = base_meta[key]
+    if train_data.startswith("hub:"):
+        meta["datasets"] = [train_data[4:].split(":")[0]]
+    return meta
+
+
+def _intro(name: str, kind: str, base: str, base_id: str | None, base_meta: dict[str, Any],
+           config: dict[str, Any], merge: dict[str, Any] | None) -> list[str]:
+    if name.startswith("checkpoint-epoch-"):
+        stage = f"; a checkpoint after epoch {name.rsplit('-', 1)[-1]}"
+    elif name.startswith("checkpoint-step-"):
+        stage = (f"; a checkpoint at optimizer step {name.rsplit('-', 1)[-1]}, with the "
+                 "optimizer, schedule and data position to resume from")
+    else:
+        stage = ""
+    hub = f" (on the Hub: [{base_id}](https://huggingface.co/{base_id}))" if base_id else ""
+    lines = [f"# {os.path.basename(os.path.normpath(base)) or 'model'}: {KIND[kind]} for "
+             "text embeddings", "",
+             "A text-embedding model fine-tuned with contrastive learning (InfoNCE) by EmbedRAG "
+             f"from `{base}`{hub}{stage}.", ""]
+    if base_meta.get("license"):
+        lines += [f"License: `{base_meta['license']}`, as the base model's own card states; "
+                  "the base model's terms apply to this model.", ""]
+    if merge:
+        lines += [f"Merged from the adapter `{config.get('merged_from')}` into "
+                  f"{merge.get('merged_into')}, stored in {merge.get('precision')}; verified: "
+                  f"the merged model embeds {len(merge.get('probes', []))} probe texts within "
+                  f"{merge.get('max_abs_diff', 0):.1e} of {merge.get('verified_against')} "
+                  f"(tolerance {merge.get('tolerance', 0):.0e}).", ""]
+    return lines
+
+
+def _usage(usage: Usage, config: dict[str, Any]) -> list[str]:
+    prompts = (f"Queries are prefixed with `{usage.query_instruction!r}`"
+               if usage.query_instruction else "Queries take no prompt") + (
+        f", passages with `{usage.passage_instruction!r}`." if usage.passage_instruction
+        else ", passages none.")
+    eos = usage.eos_template or config.get("tokenizer_appends_eos")
+    lines = ["## Usage", "",
+             f"Embeddings: {usage.pooling} pooling"
+             + (" (last real token)" if usage.pooling == "last" else "")
+             + (f", through the model's Dense layers {', '.join(usage.dense)}" if usage.dense
+                else "")
+             + f", L2-normalised; score by dot product (cosine). {prompts} Queries are cut at "
+             f"{usage.query_max_len} tokens, passages at {usage.passage_max_len}."
+             + (" Every text ends with the EOS token, appended after truncation." if eos
+                else ""), ""]
+    if usage.kind == "qlora":
+        lines += ["This adapter was trained on a quantized base, and embeds as trained only on "
+                  "that base quantized the same way (below). For serving, fold it into a plain "
+                  "model with EmbedRAG's `merge.py` (it verifies the merge).", ""]
+    return lines + [
+        "With transformers" + (" and PEFT" if usage.adapter else "") + ":", "",
+        "```python", transformers_snippet(usage).rstrip(), "```", "",
+        "With sentence-transformers:", "",
+        "```python", sentence_transformers_snippet(usage).rstrip(), "```", "",
+        "EmbedRAG's own `evaluate.py --model_path` and `EmbeddingModel` read "
+        "`training_config.json` in this folder and embed the same way.", ""]
+
+
+def _evaluation(at: dict[str, Any], args: dict[str, Any],
+                merge: dict[str, Any] | None) -> list[str]:
+    evaluation, scores = at.get("eval"), (merge or {}).get("eval")
+    if not evaluation and not scores:
+        return []
+    lines = ["## Evaluation", ""]
+    if evaluation:
+        data = args.get("eval_dataset", "")
+        rows = count_rows(data)
+        columns = list(next(iter(evaluation["metrics"].values())))
+        if at["finished"]:
+            when = "Before and after training:"
+        elif columns == ["before"]:
+            when = "Before training:"
+        else:
+            when = ", ".join(c.replace("epoch", "after epoch") for c in columns).capitalize()
+            when += ":"
+        lines += [f"Retrieval on `{data}`" + (f" ({rows} queries)" if rows else "")
+                  + ": each query ranked against every distinct passage of the file, its "
+                  f"`pos` passages relevant. {when}", "", *_table(evaluation["metrics"]), ""]
+    if scores:
+        lines += ["Scored by merge.py before writing:", "",
+                  *_table({m: {name: s[m] for name, s in scores.items()}
+                           for m in next(iter(scores.values()))}), ""]
+    return lines
+
+
+def _training(folder: str, at: dict[str, Any], args: dict[str, Any],
+              config: dict[str, Any]) -> list[str]:
+    data = args.get("train_dataset", "")
+    rows = count_rows(data)
+    everywhere = (at.get("processes") or 1) > 1 and args.get("cross_device_negatives")
+    lines = ["## Training", "",
+             f"- Mode: {_mode(config, args)}.",
+             f"- Data: `{data}`" + (f", {rows} rows" if rows else "")
+             + f"; {args.get('neg_nums')} hard negatives per query plus every other passage "
+             "of the batch" + (" on every process" if everywhere else "") + ".",
+             f"- Loss: InfoNCE at temperature {args.get('temperature')}; batch "
+             f"{args.get('batch_size')} queries per process x "
+             f"{args.get('gradient_accumulation_steps')} accumulation step(s); learning rate "
+             f"{args.get('lr')}, {args.get('warmup_proportion')} warm-up then linear decay.",
+             f"- Precision: {PRECISION.get(config.get('mixed_precision'), 'float32')}, base "
+             f"weights stored in {config.get('base_dtype', 'float32')}.",
+             f"- Attention: {config.get('attention', 'model')}."]
+    if at.get("step") is not None:
+        lines.append(
+            ("- Run: " if at["finished"] else "- So far: ")
+            + ("as of the last logged step, " if at.get("logged") else "")
+            + f"{at['step']} optimizer steps"
+            + (f", {at['samples']} queries" if at.get("samples") else "")
+            + f", {_duration(at.get('seconds'))}"
+            + (f", last logged loss {at['loss']:.4f}" if at.get("loss") is not None else "")
+            + (f", {at['processes']} process(es)" if at.get("processes") else "") + ".")
+    lines += [f"- Hardware: {hardware()}.", ""]
+    if os.path.isfile(os.path.join(folder, CURVES)):
+        lines += [f"![training curves]({CURVES})", "",
+                  "Loss and learning rate per logged step; retrieval metrics per epoch.", ""]
+    return lines + ["The command, with every flag that differs from its default (every flag's "
+                    "value is in `training_config.json`, under `train_args`):", "",
+                    "```bash", command_line(args), "```", ""]
+
+
 def render(folder: str, config: dict[str, Any], usage: Usage, *, name: str = "",
            summary: dict[str, Any] | None = None, merge: dict[str, Any] | None = None) -> str:
     """The card's text (front matter + Markdown) for the model in `folder`, whose own name is
@@ -254,135 +339,13 @@ def render(folder: str, config: dict[str, Any], usage: Usage, *, name: str = "",
     base_id, base_meta = base_identity(base)
     name = name or os.path.basename(os.path.normpath(folder))
     at = progress(folder, args, summary, name)
-    meta: dict[str, Any] = {}
-    if base_id:
-        meta["base_model"] = base_id
-    meta["library_name"] = {"lora": "peft", "qlora": "peft", "full": "transformers",
-                            "merged": "sentence-transformers"}[kind]
-    meta["pipeline_tag"] = "sentence-similarity" if kind == "merged" else "feature-extraction"
-    meta["tags"] = ["embedrag", "text-embeddings", "retrieval", "sentence-similarity",
-                    "feature-extraction", *(["sentence-transformers"] if kind == "merged" else []),
-                    {"lora": "lora", "qlora": "qlora", "full": "full-fine-tune",
-                     "merged": "merged-lora"}[kind]]
-    for key in ("license", "license_name", "license_link"):
-        if base_meta.get(key):
-            meta[key] = base_meta[key]
-    train_data = args.get("train_dataset", "")
-    if train_data.startswith("hub:"):
-        meta["datasets"] = [train_data[4:].split(":")[0]]
-
-    what = KIND[kind]
-    if name.startswith("checkpoint-epoch-"):
-        stage = f"; a checkpoint after epoch {name.rsplit('-', 1)[-1]}"
-    elif name.startswith("checkpoint-step-"):
-        stage = (f"; a checkpoint at optimizer step {name.rsplit('-', 1)[-1]}, with the "
-                 "optimizer, schedule and data position to resume from")
-    else:
-        stage = ""
-    lines = [f"# {os.path.basename(os.path.normpath(base)) or 'model'}: {what} for "
-             "text embeddings", "",
-             "A text-embedding model fine-tuned with contrastive learning (InfoNCE) by EmbedRAG "
-             f"from `{base}`"
-             + (f" (on the Hub: [{base_id}](https://huggingface.co/{base_id}))" if base_id
-                else "") + stage + ".", ""]
-    if base_meta.get("license"):
-        lines += [f"License: `{base_meta['license']}`, as the base model's own card states; "
-                  "the base model's terms apply to this model.", ""]
-    if merge:
-        lines += [f"Merged from the adapter `{config.get('merged_from')}` into "
-                  f"{merge.get('merged_into')}, stored in {merge.get('precision')}; verified: "
-                  f"the merged model embeds {len(merge.get('probes', []))} probe texts within "
-                  f"{merge.get('max_abs_diff', 0):.1e} of {merge.get('verified_against')} "
-                  f"(tolerance {merge.get('tolerance', 0):.0e}).", ""]
-
-    # --- usage ---
-    lines += ["## Usage", "",
-              f"Embeddings: {usage.pooling} pooling"
-              + (" (last real token)" if usage.pooling == "last" else "")
-              + (", through the model's Dense layers " + ", ".join(usage.dense)
-                 if usage.dense else "")
-              + ", L2-normalised; score by dot product (cosine). "
-              + (f"Queries are prefixed with `{usage.query_instruction!r}`"
-                 if usage.query_instruction else "Queries take no prompt")
-              + (f", passages with `{usage.passage_instruction!r}`."
-                 if usage.passage_instruction else ", passages none.")
-              + f" Queries are cut at {usage.query_max_len} tokens, passages at "
-                f"{usage.passage_max_len}."
-              + (" Every text ends with the EOS token, appended after truncation."
-                 if usage.eos_template or config.get("tokenizer_appends_eos") else ""), ""]
-    if kind == "qlora":
-        lines += ["This adapter was trained on a quantized base, and embeds as trained only on "
-                  "that base quantized the same way (below). For serving, fold it into a plain "
-                  "model with EmbedRAG's `merge.py` (it verifies the merge).", ""]
-    lines += ["With transformers" + (" and PEFT" if usage.adapter else "") + ":", "",
-              "```python", transformers_snippet(usage).rstrip(), "```", "",
-              "With sentence-transformers:", "",
-              "```python", sentence_transformers_snippet(usage).rstrip(), "```", "",
-              "EmbedRAG's own `evaluate.py --model_path` and `EmbeddingModel` read "
-              "`training_config.json` in this folder and embed the same way.", ""]
-
-    # --- evaluation ---
-    evaluation = at.get("eval")
-    if evaluation or (merge and merge.get("eval")):
-        lines += ["## Evaluation", ""]
-    if evaluation:
-        data = args.get("eval_dataset", "")
-        rows = count_rows(data)
-        columns = list(next(iter(evaluation["metrics"].values())))
-        when = "Before and after training:" if at["finished"] else "Before training:" \
-            if columns == ["before"] else ", ".join(
-            c.replace("epoch", "after epoch") for c in columns).capitalize() + ":"
-        lines += [f"Retrieval on `{data}`" + (f" ({rows} queries)" if rows else "")
-                  + ": each query ranked against every distinct passage of the file, its "
-                  f"`pos` passages relevant. {when}", ""]
-        lines += _table(evaluation["metrics"]) + [""]
-    if merge and merge.get("eval"):
-        scores = merge["eval"]
-        lines += ["Scored by merge.py before writing:", ""]
-        lines += _table({m: {name: s[m] for name, s in scores.items()}
-                         for m in next(iter(scores.values()))}) + [""]
-
-    # --- training ---
-    if args:
-        train_rows = count_rows(train_data)
-        lines += ["## Training", "",
-                  f"- Mode: {_mode(config, args)}.",
-                  f"- Data: `{train_data}`" + (f", {train_rows} rows" if train_rows else "")
-                  + f"; {args.get('neg_nums')} hard negatives per query plus every other "
-                  "passage of the batch" + (" on every process" if (at.get("processes") or 1) > 1
-                                            and args.get("cross_device_negatives") else "")
-                  + ".",
-                  f"- Loss: InfoNCE at temperature {args.get('temperature')}; batch "
-                  f"{args.get('batch_size')} queries per process x "
-                  f"{args.get('gradient_accumulation_steps')} accumulation step(s); learning "
-                  f"rate {args.get('lr')}, {args.get('warmup_proportion')} warm-up then linear "
-                  "decay.",
-                  f"- Precision: {PRECISION.get(config.get('mixed_precision'), 'float32')}, "
-                  f"base weights stored in {config.get('base_dtype', 'float32')}.",
-                  f"- Attention: {config.get('attention', 'model')}."]
-        if at.get("step") is not None:
-            done = (f"{at['step']} optimizer steps" + (f", {at['samples']} queries"
-                                                       if at.get("samples") else "")
-                    + f", {_duration(at.get('seconds'))}"
-                    + (f", last logged loss {at['loss']:.4f}" if at.get("loss") is not None
-                       else ""))
-            lines.append(("- Run: " if at["finished"] else "- So far: ")
-                         + ("as of the last logged step, " if at.get("logged") else "") + done
-                         + (f", {at['processes']} process(es)" if at.get("processes") else "")
-                         + ".")
-        lines += [f"- Hardware: {hardware()}.", ""]
-        if os.path.isfile(os.path.join(folder, CURVES)):
-            lines += [f"![training curves]({CURVES})", "",
-                      "Loss and learning rate per logged step; retrieval metrics per epoch.",
-                      ""]
-        lines += ["The command, with every flag that differs from its default:", "",
-                  "```bash", command_line(args), "```", "",
-                  "<details><summary>Every flag</summary>", "",
-                  "| flag | value |", "|---|---|",
-                  *(f"| `--{k}` | `{v!r}` |" for k, v in args.items()), "", "</details>", ""]
-    lines += [f"Written by EmbedRAG {__version__}.", ""]
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
-    return f"---\n{front}---\n\n" + "\n".join(lines)
+    lines = [*_intro(name, kind, base, base_id, base_meta, config, merge),
+             *_usage(usage, config), *_evaluation(at, args, merge),
+             *(_training(folder, at, args, config) if args else []),
+             f"Written by EmbedRAG {__version__}.", ""]
+    meta = front_matter(kind, base_id, base_meta, args.get("train_dataset", ""))
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)}---\n\n" + \
+        "\n".join(lines)
 
 
 def write_card(folder: str, *, target: str | None = None, tokenizer: Any = None,

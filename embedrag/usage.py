@@ -17,6 +17,7 @@ Every snippet leaves `queries`, `passages`, `query_embeddings` and `passage_embe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
 QUERIES = ["How do I list the files in a directory?"]
@@ -58,6 +59,39 @@ class Usage:
     @property
     def adapter(self) -> bool:
         return self.kind in ("lora", "qlora")
+
+
+def usage_of(config: dict[str, Any], folder: str, tokenizer: Any, path: str = "") -> Usage:
+    """The Usage of the model in `folder` (its training_config.json, tokenizer and config),
+    to be read from `path` (default: `folder`)."""
+    from transformers import AutoConfig
+
+    kind = config["finetune_type"]
+    adapter = kind in ("lora", "qlora")
+    remote = bool((config.get("train_args") or {}).get("trust_remote_code"))
+    model_config = AutoConfig.from_pretrained(config["base_model"] if adapter else folder,
+                                              trust_remote_code=remote)
+    text_config = model_config.get_text_config()
+    bidirectional = None
+    if adapter and config.get("attention") == "bidirectional":
+        bidirectional = ("use_bidirectional_attention"
+                         if hasattr(model_config, "use_bidirectional_attention") else "is_causal")
+    template = None
+    if config.get("append_eos"):
+        from embedrag.merging import eos_template
+
+        single, _, specials = eos_template(tokenizer)
+        template = (single, specials)
+    return Usage(model_path=path or folder, kind=kind, pooling=config["pooling"],
+                 dim=text_config.hidden_size,
+                 query_instruction=config.get("query_instruction") or "",
+                 passage_instruction=config.get("passage_instruction") or "",
+                 query_max_len=config["query_max_len"],
+                 passage_max_len=config["passage_max_len"],
+                 base_path=config["base_model"] if adapter else None,
+                 bits=config.get("quantization_bits") if kind == "qlora" else None,
+                 eos_template=template, bidirectional=bidirectional,
+                 dense=list(config.get("dense_modules") or []), trust_remote_code=remote)
 
 
 def _quantization(u: Usage) -> list[str]:
