@@ -295,7 +295,7 @@ def _evaluation(at: dict[str, Any], args: dict[str, Any],
 def _training(folder: str, at: dict[str, Any], args: dict[str, Any],
               config: dict[str, Any]) -> list[str]:
     data = args.get("train_dataset", "")
-    rows = count_rows(data)
+    rows = None if args.get("streaming") else count_rows(data)  # a stream is never read whole
     everywhere = (at.get("processes") or 1) > 1 and args.get("cross_device_negatives")
     lines = ["## Training", "",
              f"- Mode: {_mode(config, args)}.",
