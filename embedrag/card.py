@@ -220,7 +220,10 @@ def _intro(name: str, kind: str, base: str, base_id: str | None, base_meta: dict
                  "optimizer, schedule and data position to resume from")
     else:
         stage = ""
-    hub = f" (on the Hub: [{base_id}](https://huggingface.co/{base_id}))" if base_id else ""
+    link = f"[{base_id}](https://huggingface.co/{base_id})"
+    from_card = os.path.isdir(base) and "models--" not in base  # named by the folder's card
+    hub = "" if not base_id else f" (whose own card names {link} as its base)" if from_card \
+        else f" (on the Hub: {link})"
     lines = [f"# {os.path.basename(os.path.normpath(base)) or 'model'}: {KIND[kind]} for "
              "text embeddings", "",
              "A text-embedding model fine-tuned with contrastive learning (InfoNCE) by EmbedRAG "
