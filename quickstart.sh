@@ -57,3 +57,5 @@ merged = json.load(open(f"{out}/merged_metrics.json"))["ndcg@10"]
 print(f"\nnDCG@10 on held-out pages: before {m['before']:.4f} -> after {m['after']:.4f} "
       f"({m['change']:+.4f}); merged model {merged:.4f}")
 PY
+echo "training curves: $OUT/lora/training_curves.png"
+echo "model cards: $OUT/lora/final/README.md and $OUT/merged/README.md"

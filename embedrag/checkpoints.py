@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,8 +61,20 @@ def save_model(accelerator: Any, model: Any, tokenizer: Any, training_config: di
         write_json(os.path.join(tmp, "training_config.json"), training_config)
         if extra is not None:
             extra(tmp)
+        describe(tmp, path, tokenizer)
         commit_dir(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def describe(tmp: str, path: str, tokenizer: Any) -> None:
+    """The model card (README.md, replacing PEFT's blank template) of a folder being saved;
+    a card that cannot be written is reported, never a reason to lose the weights."""
+    from embedrag.card import write_card
+
+    try:
+        write_card(tmp, target=path, tokenizer=tokenizer)
+    except Exception as e:  # whatever it was, the save itself goes on
+        print(f"warning: no model card for {path}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 # --- step checkpoints: everything needed to continue exactly where a run stopped ---
@@ -253,7 +266,7 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, Any], world_size: int,
 
 
 RUN_FILES = ("final", "runs", "detailed_training_logs.json", "training_losses.json",
-             "training_summary_report.json")
+             "training_summary_report.json", "training_curves.png")
 
 
 def _is_run_entry(name: str) -> bool:

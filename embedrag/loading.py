@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from embedrag import kernels
+from embedrag import kernels, quiet
 from embedrag.config import read_json
 from embedrag.modeling import (
     EmbeddingModel,
@@ -189,6 +189,20 @@ def match_training_kernels(model: nn.Module) -> int:
     return count
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass, through transformers' current name for it
+    (`gradient_checkpointing_enable` is deprecated from 5.x, with a FutureWarning), and without
+    the KV cache, which an embedding never reads and which checkpointing turns off anyway
+    (with a warning on the first forward pass)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+
+
 def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
     from transformers import AutoModel
@@ -211,8 +225,7 @@ def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, 
     swap = kernels.install if cfg.cpu_kernels == "auto" else (lambda *_: {})
     if cfg.finetune_type == "full":
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         return model, {**info, **swap(model, device)}
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -220,16 +233,15 @@ def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, 
     targets, excluded = find_lora_targets(model)
     if cfg.target_modules():
         targets, excluded = cfg.target_modules(), []
-    if cfg.finetune_type == "qlora":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if cfg.finetune_type == "qlora":  # checkpointing below, not through PEFT's deprecated call
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        model.enable_input_require_grads()  # the frozen embeddings' output carries gradients
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, exclude_modules=excluded or None, bias="none")
-    model = get_peft_model(model, lora)
+    with quiet.peft_model_construction():
+        model = get_peft_model(model, lora)
     info.update(lora_target_modules=targets, lora_excluded_modules=excluded)
     return model, {**info, **swap(model, device)}
 
@@ -292,7 +304,8 @@ def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str 
     if adapter:
         from peft import PeftModel
 
-        backbone = PeftModel.from_pretrained(backbone, path)
+        with quiet.peft_model_construction():
+            backbone = PeftModel.from_pretrained(backbone, path)
     limit = max_model_length(base_path, tokenizer, trust_remote_code)
     for name in ("query_max_len", "passage_max_len"):
         if limit and getattr(settings, name) > limit:

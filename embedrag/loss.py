@@ -76,9 +76,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     Accelerate's even batches guarantee it."""
     if not _distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
+    # torch's functional collective: its backward sends each slot's gradient back to the
+    # process the slot came from, summed over processes. (torch.distributed.nn.functional's
+    # all_gather, which did the same, is deprecated; older torch names this one _tensor_.)
+    import torch.distributed._functional_collectives as fc
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    return gather(x.contiguous(), 0, dist.group.WORLD)                     # (W*n, ...)
 
 
 def gather_ids(x: torch.Tensor) -> torch.Tensor:

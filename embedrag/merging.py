@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from embedrag import quiet
 from embedrag.checkpoints import atomic_dir, commit_dir
 from embedrag.config import read_training_config, write_json
 from embedrag.loading import (
@@ -95,21 +96,28 @@ def settings_for(folder: str, tokenizer: Any, say: Callable[[str], None]) -> Emb
     return EmbedSettings.from_training_config(config)
 
 
+def eos_template(tokenizer: Any) -> tuple[str, str, list[tuple[str, int]]]:
+    """A post-processor template (single, pair, special tokens) that ends every text with EOS
+    after truncation, as training did by hand, keeping the special tokens the tokenizer
+    already puts before the text (a BOS, say)."""
+    prefix = tokenizer.convert_ids_to_tokens(tokenizer("", add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token
+    specials = {t: tokenizer.convert_tokens_to_ids(t) for t in [*prefix, eos]}
+    return (" ".join([*prefix, "$A", eos]), " ".join([*prefix, "$A", eos, "$B:1", eos]),
+            list(specials.items()))
+
+
 def make_tokenizer_append_eos(tokenizer: Any) -> bool:
-    """Make the saved tokenizer end every text with EOS itself, as training did by hand, so
-    that plain transformers and sentence-transformers users embed the same way. Keeps the
-    special tokens the tokenizer already puts before the text (a BOS, say)."""
+    """Make the saved tokenizer end every text with EOS itself (`eos_template`), so that plain
+    transformers and sentence-transformers users embed as training did."""
     from tokenizers import processors
 
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         return False
-    prefix = tokenizer.convert_ids_to_tokens(tokenizer("", add_special_tokens=True)["input_ids"])
-    eos = tokenizer.eos_token
-    specials = {t: tokenizer.convert_tokens_to_ids(t) for t in [*prefix, eos]}
-    backend.post_processor = processors.TemplateProcessing(
-        single=" ".join([*prefix, "$A", eos]), pair=" ".join([*prefix, "$A", eos, "$B:1", eos]),
-        special_tokens=list(specials.items()))
+    single, pair, specials = eos_template(tokenizer)
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                           special_tokens=specials)
     return True
 
 
@@ -140,6 +148,20 @@ def _embed(model: EmbeddingModel, tok: Any, settings: EmbedSettings) -> torch.Te
     return model.encode(tok, PROBES, max_len=settings.passage_max_len,
                         append_eos=settings.append_eos, batch_size=len(PROBES),
                         instruction=settings.passage_instruction)
+
+
+def describe_merge(tmp: str, output_path: str, adapter: str, report: dict[str, Any]) -> None:
+    """The merged folder's model card, with the training run's curves and summary when the
+    adapter is a run's final/ folder."""
+    from embedrag.card import CURVES, write_card
+    from embedrag.config import read_json
+
+    if os.path.isfile(os.path.join(adapter, CURVES)):
+        shutil.copyfile(os.path.join(adapter, CURVES), os.path.join(tmp, CURVES))
+    run = os.path.dirname(os.path.abspath(adapter))
+    summary = read_json(os.path.join(run, "training_summary_report.json")) \
+        if os.path.basename(os.path.abspath(adapter)) == "final" else None
+    write_card(tmp, target=output_path, summary=summary, merge=report)
 
 
 QLORA_BASES = ("dequantized", "original")
@@ -176,7 +198,8 @@ class Trained:
         if adapter:
             from peft import PeftModel
 
-            backbone = PeftModel.from_pretrained(backbone, self.folder)
+            with quiet.peft_model_construction():
+                backbone = PeftModel.from_pretrained(backbone, self.folder)
         return EmbeddingModel(backbone, self.settings.pooling, self.head,
                               self.head_names).eval()
 
@@ -308,6 +331,7 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
                        "tolerance": TOLERANCE[precision], "adapter_effect": effect,
                        "precision": precision, "probes": PROBES})
         write_json(os.path.join(tmp, "merge_report.json"), report)
+        describe_merge(tmp, output_path, folder, report)
         commit_dir(tmp, output_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

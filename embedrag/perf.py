@@ -7,11 +7,30 @@ kernels' makes padding, recomputation and idle time show up as lost utilisation.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import torch
 from torch import nn
+
+
+def hardware() -> str:
+    """What this process runs on: its GPUs, else the CPU model and its cores."""
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return ", ".join(f"{names.count(n)} x {n}" for n in dict.fromkeys(names))
+    import platform
+    import re
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        name = found.group(1).strip() if found else name
+    except OSError:
+        pass
+    return f"CPU: {name}, {os.cpu_count()} cores visible"
 
 
 def native_bf16(device: torch.device | None = None) -> bool:

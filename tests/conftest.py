@@ -186,3 +186,29 @@ def tiny_st_encoder(tmp_path_factory, tiny_encoder) -> str:
 @pytest.fixture(scope="session")
 def tiny_gemma3(tmp_path_factory) -> str:
     return build_tiny_gemma3(str(tmp_path_factory.mktemp("tiny_gemma3") / "m"))
+
+
+@pytest.fixture(scope="session")
+def cli_run(tiny_decoder, tmp_path_factory):
+    """train.py as users run it, in its own process: LoRA on the tiny decoder, 2 epochs of 2
+    steps cut short by --max_steps 3, with a query prompt, bidirectional attention and
+    activation checkpointing, evaluated before and after each epoch, with checkpoint-epoch-1
+    and checkpoint-step-3. Returns (output folder, the CompletedProcess with its console)."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("cli_run")
+    data = write_jsonl(folder / "train.jsonl", learnable_rows(16))
+    held_out = write_jsonl(folder / "eval.jsonl", learnable_rows(8, seed=1))
+    out = folder / "out"
+    done = subprocess.run(
+        [sys.executable, "train.py", "--model_name_or_path", tiny_decoder, "--train_dataset",
+         data, "--eval_dataset", held_out, "--output_dir", str(out), "--finetune_type", "lora",
+         "--batch_size", "8", "--epochs", "2", "--max_steps", "3", "--save_steps", "3",
+         "--lr", "2e-3",
+         "--temperature", "0.05", "--lora_r", "4", "--lora_alpha", "8", "--seed", "7",
+         "--query_instruction", "query: ", "--attention", "bidirectional",
+         "--gradient_checkpointing"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done

@@ -83,8 +83,9 @@ def test_output_layout_and_log_schema(trained):
         assert {"adapter_model.safetensors", "adapter_config.json"} <= set(final)
     assert {"training_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(final)
     assert not any(f.endswith((".bin", ".pt", ".pth")) for f in final)
-    for epoch in (1, 2):
-        assert sorted(os.listdir(out / f"checkpoint-epoch-{epoch}")) == sorted(final)
+    for epoch in (1, 2):  # the same files, but the curves of the whole run
+        assert sorted(os.listdir(out / f"checkpoint-epoch-{epoch}")) == sorted(
+            set(final) - {"training_curves.png"})
     steps = json.loads((out / "detailed_training_logs.json").read_text())
     assert len(steps) == 12 and all(set(r) == STEP_KEYS for r in steps)
     assert [r["step"] for r in steps] == list(range(1, 13))
@@ -178,23 +179,20 @@ def test_tensorboard_events_hold_the_loss_curve(trained):
         acc.Tags()["scalars"])
 
 
-def test_cli_refuses_finished_output_and_max_steps_stops_early(tiny_decoder, learnable_data,
-                                                               tmp_path):
-    cmd = [sys.executable, "train.py", "--model_name_or_path", tiny_decoder, "--train_dataset",
-           learnable_data, "--output_dir", str(tmp_path / "o"), "--batch_size", "4",
-           "--finetune_type", "lora", "--max_steps", "3", "--save_on_epoch_end", "0"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert len(json.loads((tmp_path / "o" / "detailed_training_logs.json").read_text())) == 3
-    assert sorted(os.listdir(tmp_path / "o")) == sorted(
+def test_cli_refuses_finished_output_and_max_steps_stops_early(cli_run):
+    out, done = cli_run  # train.py run as a command, --max_steps 3 of 2 epochs x 2 steps
+    assert len(json.loads((out / "detailed_training_logs.json").read_text())) == 3
+    assert sorted(os.listdir(out)) == sorted(
         ["final", "runs", "detailed_training_logs.json", "training_losses.json",
-         "training_summary_report.json"])
-    before = {f: os.path.getmtime(tmp_path / "o" / f) for f in os.listdir(tmp_path / "o")}
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+         "training_summary_report.json", "training_curves.png", "checkpoint-epoch-1",
+         "checkpoint-step-3"])
+    before = {f: os.path.getmtime(out / f) for f in os.listdir(out)}
+    again = subprocess.run([sys.executable, *done.args[1:]], cwd=ROOT,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                           text=True)
     assert again.returncode == 2 and "not empty" in again.stderr
     assert "Traceback" not in again.stderr
-    assert before == {f: os.path.getmtime(tmp_path / "o" / f) for f in os.listdir(tmp_path / "o")}
+    assert before == {f: os.path.getmtime(out / f) for f in os.listdir(out)}
 
 
 def _adapter(out):
@@ -295,3 +293,12 @@ def test_attention_dropout_flag_sets_the_models_config(tiny_encoder, learnable_d
                           "--attention_dropout", "0")
     assert off.backbone.config.attention_probs_dropout_prob == 0.0
     assert off.backbone.config.hidden_dropout_prob == 0.1  # other dropout untouched
+
+
+def test_the_model_card_code_embeds_as_training(trained):
+    """For every kind: QLoRA's snippets load the base quantized as in training and keep
+    bitsandbytes' CPU kernels on the training path (more settings: tests/test_card.py)."""
+    from tests.test_card import snippet_differences
+
+    _, out, _, _ = trained
+    assert max(snippet_differences(out / "final")) < 1e-5
