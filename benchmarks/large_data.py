@@ -9,6 +9,11 @@ characters: ~5 KB a row) go to a tiny LoRA model for one optimizer step. Each ru
 wall time (load, check, tokenize, one step, save). The new loader runs twice — first with an
 empty datasets cache, then with the cache of the first run — and the loader before it (the
 in-memory one, from a git worktree of --old_commit) once, for sizes up to --old_up_to.
+
+Peak RSS counts the pages of memory-mapped Arrow files the run has read, which are page cache
+the kernel drops when memory is short; the anonymous peak is what the process itself holds.
+--memory_limit_mib runs the larger first runs under a hard cgroup memory limit (page cache
+included), which shows what the run needs rather than what it was allowed to keep.
 """
 
 from __future__ import annotations
@@ -24,12 +29,42 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Runs the command, sampling its /proc status every 0.2 s: peak RSS (kernel's own figure), and
+# the peaks of its anonymous memory (what only the process holds) and of its file-backed pages
+# (memory-mapped Arrow files: page cache the kernel may drop and re-read at will).
 RUNNER = """
 import resource, subprocess, sys, time
+def status(pid):
+    try:
+        lines = open(f"/proc/{pid}/status").read().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) for k, v in (l.split(":", 1) for l in lines)
+            if k in ("RssAnon", "RssFile")}
 start = time.perf_counter()
-code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
-print(code, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+anon = files = 0
+while proc.poll() is None:
+    now = status(proc.pid)
+    anon, files = max(anon, now.get("RssAnon", 0)), max(files, now.get("RssFile", 0))
+    time.sleep(0.2)
+print(proc.returncode, time.perf_counter() - start,
+      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, anon, files)
 """
+
+
+def cgroup(limit_mib: int, name: str) -> str | None:
+    """A cgroup-v1 memory group capped at limit_mib (page cache included), or None where
+    this machine offers none; the run then goes in it."""
+    root = "/sys/fs/cgroup/memory"
+    path = os.path.join(root, name)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit_mib * 2**20))
+    except OSError:
+        return None
+    return path
 
 
 def synthesize(path: str, rows: int, seed: int = 0) -> None:
@@ -51,15 +86,22 @@ def synthesize(path: str, rows: int, seed: int = 0) -> None:
     os.replace(path + ".tmp", path)
 
 
-def measure(train_py: str, model: str, data: str, out: str, env: dict) -> dict:
+def measure(train_py: str, model: str, data: str, out: str, env: dict,
+            group: str | None = None) -> dict:
     cmd = [sys.executable, train_py, "--model_name_or_path", model, "--train_dataset", data,
            "--output_dir", out, "--overwrite_output_dir", "--batch_size", "8",
            "--finetune_type", "lora", "--max_steps", "1", "--save_on_epoch_end", "0",
            "--query_max_len", "64", "--passage_max_len", "256"]
+    enter = None
+    if group:  # this child joins the memory-capped group before it starts the run
+        def enter():
+            with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
     done = subprocess.run([sys.executable, "-c", RUNNER, *cmd], env=env, capture_output=True,
-                          text=True)
-    code, seconds, rss_kib = done.stdout.split()
-    return {"exit": int(code), "seconds": float(seconds), "peak_rss_mib": int(rss_kib) / 1024}
+                          text=True, preexec_fn=enter)
+    code, seconds, rss_kib, anon_kib, file_kib = done.stdout.split()
+    return {"exit": int(code), "seconds": float(seconds), "peak_rss_mib": int(rss_kib) / 1024,
+            "peak_anon_mib": int(anon_kib) / 1024, "peak_file_mib": int(file_kib) / 1024}
 
 
 def main() -> None:
@@ -70,6 +112,9 @@ def main() -> None:
                    help="run the old loader only up to this many rows (it held 200k rows "
                         "in more than 24 GB)")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--memory_limit_mib", type=int, default=0,
+                   help="run the new loader's first run of sizes above 10k rows inside a "
+                        "cgroup with this hard memory limit (page cache included); 0 = none")
     args = p.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="large_data_")
     os.makedirs(work, exist_ok=True)
@@ -98,11 +143,16 @@ def main() -> None:
         if n <= args.old_up_to:
             runs.append(("before (in memory)", os.path.join(old, "train.py"), cache))
         for name, train_py, cache_dir in runs:
+            group = None
+            if args.memory_limit_mib and n > 10_000 and name == "new, first run":
+                group = cgroup(args.memory_limit_mib, "embedrag_large_data")
+                name += f" (limit {args.memory_limit_mib} MiB)" if group else " (no cgroup)"
             r = measure(train_py, model, data, os.path.join(work, "out"),
-                        {**env, "HF_DATASETS_CACHE": cache_dir})
+                        {**env, "HF_DATASETS_CACHE": cache_dir}, group)
             results.append({"rows": n, "loader": name, **r})
-            print(f"{n:>9} rows  {name:20} exit {r['exit']}  {r['seconds']:8.1f} s  "
-                  f"peak RSS {r['peak_rss_mib']:8.0f} MiB", flush=True)
+            print(f"{n:>9} rows  {name:34} exit {r['exit']}  {r['seconds']:7.1f} s  "
+                  f"peak RSS {r['peak_rss_mib']:6.0f} MiB (anonymous {r['peak_anon_mib']:6.0f}, "
+                  f"file-backed {r['peak_file_mib']:6.0f})", flush=True)
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
 

@@ -171,10 +171,10 @@ def command_line(args: dict[str, Any]) -> str:
         if isinstance(value, bool):
             parts.append(f"--{f.name}") if value else None
         elif value is not None:
-            text = str(value)
-            quoted = text if re.fullmatch(r"[\w./:@%+=,-]+", text) else "'" + \
-                text.replace("'", "'\\''") + "'"
-            parts.append(f"--{f.name} {quoted}")
+            texts = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            quoted = [t if re.fullmatch(r"[\w./:@%+=,-]+", t) else "'" + t.replace(
+                "'", "'\\''") + "'" for t in texts]
+            parts.append(f"--{f.name} {' '.join(quoted)}")
     return " \\\n    ".join(parts)
 
 
@@ -206,8 +206,10 @@ def front_matter(kind: str, base_id: str | None, base_meta: dict[str, Any],
     for key in ("license", "license_name", "license_link"):
         if base_meta.get(key):
             meta[key] = base_meta[key]
-    if train_data.startswith("hub:"):
-        meta["datasets"] = [train_data[4:].split(":")[0]]
+    hub = [d[4:].split(":")[0] for d in ([train_data] if isinstance(train_data, str)
+                                          else train_data) if d.startswith("hub:")]
+    if hub:
+        meta["datasets"] = hub
     return meta
 
 
@@ -264,6 +266,11 @@ def _usage(usage: Usage, config: dict[str, Any]) -> list[str]:
         "```python", transformers_snippet(usage).rstrip(), "```", "",
         "With sentence-transformers:", "",
         "```python", sentence_transformers_snippet(usage).rstrip(), "```", "",
+        *([f"Trained as Matryoshka embeddings: the first {', '.join(map(str, dims))} "
+           "numbers are embeddings of their own — slice and re-normalise them, or "
+           f"`SentenceTransformer(..., truncate_dim={dims[-1]})`.", ""]
+          if (dims := [d for d in config.get("matryoshka_dims") or []
+                       if d < config.get("embedding_dim", 0)]) else []),
         "EmbedRAG's own `evaluate.py --model_path` and `EmbeddingModel` read "
         "`training_config.json` in this folder and embed the same way.", ""]
 
@@ -297,15 +304,28 @@ def _evaluation(at: dict[str, Any], args: dict[str, Any],
 
 def _training(folder: str, at: dict[str, Any], args: dict[str, Any],
               config: dict[str, Any]) -> list[str]:
-    data = args.get("train_dataset", "")
-    rows = None if args.get("streaming") else count_rows(data)  # a stream is never read whole
+    files = config.get("datasets") or [
+        {"path": d} for d in ([args.get("train_dataset", "")] if isinstance(
+            args.get("train_dataset", ""), str) else args["train_dataset"])]
+    for d in files:  # a stream is never read whole
+        d.setdefault("rows", None if args.get("streaming") else count_rows(d["path"]))
+    data = ", ".join(f"`{d['path']}`" + (f" ({d['rows']} rows" + (
+        f", {d['share_of_steps']:.0%} of the steps, query instruction "
+        f"{d.get('query_instruction')!r}" if len(files) > 1 else "") + ")" if d["rows"] else "")
+        for d in files)
     everywhere = (at.get("processes") or 1) > 1 and args.get("cross_device_negatives")
+    dims = config.get("matryoshka_dims")
     lines = ["## Training", "",
              f"- Mode: {_mode(config, args)}.",
-             f"- Data: `{data}`" + (f", {rows} rows" if rows else "")
-             + f"; {args.get('neg_nums')} hard negatives per query plus every other passage "
-             "of the batch" + (" on every process" if everywhere else "") + ".",
-             f"- Loss: InfoNCE at temperature {args.get('temperature')}; batch "
+             "- Data: " + ("one file per optimizer step from " if len(files) > 1 else "")
+             + data + f"; {args.get('neg_nums')} hard negatives per query plus every other "
+             "passage of the batch" + (" on every process" if everywhere else "") + ".",
+             f"- Loss: InfoNCE at temperature {args.get('temperature')}"
+             + (f" + {args['kd_weight']} x KL(teacher || student) from the rows' teacher "
+                f"scores (at temperature {args.get('kd_temperature')})"
+                if args.get("kd_weight") else "")
+             + (f", on the embedding's prefixes {', '.join(map(str, dims))} (Matryoshka)"
+                if dims else "") + "; batch "
              f"{args.get('batch_size')} queries per process x "
              f"{args.get('gradient_accumulation_steps')} accumulation step(s); learning rate "
              f"{args.get('lr')}, {args.get('warmup_proportion')} warm-up then linear decay.",

@@ -124,3 +124,19 @@ def eval_summary(evals: dict[str, Any], path: str) -> dict[str, Any]:
     side_by_side = {m: {"before": v, "after": after[m], "change": after[m] - v}
                     for m, v in evals["before"].items()}
     return {"eval": {"dataset": path, "metrics": side_by_side, "per_epoch": evals["per_epoch"]}}
+
+
+def done_lines(summary: dict[str, Any]) -> str:
+    """The end-of-run report: speed, share of the matmul peak, and the eval table."""
+    from embedrag.evaluation import format_table
+
+    totals, t = summary["totals"], summary["throughput"]
+    lines = [f"done: {totals['steps']} steps, {totals['samples_per_second']:.1f} samples/s, "
+             f"{totals['tokens_per_second']:,.0f} tokens/s, {t['achieved_tflops'] * 1e3:.1f} "
+             f"GFLOP/s = {t['mfu']:.1%} of this machine's {t['peak_dtype']} matmul peak "
+             f"({t['peak_tflops'] * 1e3:.0f} GFLOP/s)"]
+    if "eval" in summary:
+        m = summary["eval"]["metrics"]
+        lines.append(format_table({"before": {k: v["before"] for k, v in m.items()},
+                                   "after": {k: v["after"] for k, v in m.items()}}))
+    return "\n".join(lines)

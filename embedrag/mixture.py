@@ -135,6 +135,7 @@ def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
     if not isinstance(rows, dict):
         data = TrainingSet(rows, tokenizer, source=cfg.train_files()[0], num_proc=num_proc,
                            **texts)
+        data.teacher = cfg.kd_weight > 0  # items then carry their teacher scores
         if cfg.kd_weight:
             _check_scored(cfg.train_files()[0], data)
         return data, EpochShuffle(len(data), cfg.seed), [_describe(
@@ -154,8 +155,9 @@ def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
         parts.append(TrainingSet(rows[path], tokenizer, source=path, num_proc=num_proc,
                                  **{**texts, "query_instruction": instruction
                                     or texts["query_instruction"]}))
-    if cfg.kd_weight:
-        for path, part in zip(files, parts, strict=True):
+    for path, part in zip(files, parts, strict=True):
+        part.teacher = cfg.kd_weight > 0
+        if cfg.kd_weight:
             _check_scored(path, part)
     sampler = FileBatches([len(p) for p in parts], block, cfg.seed, weights or None)
     share = np.array(sampler.blocks) / sum(sampler.blocks)

@@ -30,7 +30,7 @@ from embedrag.checkpoints import (
 )
 from embedrag.config import TrainConfig, embedding_config, write_json
 from embedrag.data import Collator, DataError, Example
-from embedrag.evaluation import evaluate, format_table
+from embedrag.evaluation import evaluate
 from embedrag.launch import make_accelerator
 from embedrag.loading import (
     autocast_dtype,
@@ -39,7 +39,7 @@ from embedrag.loading import (
     routes_experts,
     shipped_code_errors,
 )
-from embedrag.logs import RunLogger, eval_summary, peak_memory
+from embedrag.logs import RunLogger, done_lines, eval_summary, peak_memory
 from embedrag.loss import forward_backward
 from embedrag.mixture import training_data
 from embedrag.modeling import (
@@ -119,8 +119,6 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                 rows, tokenizer, cfg, texts, world * cfg.batch_size
                 * cfg.gradient_accumulation_steps)
         collate.data = data
-        for part in getattr(data, "parts", [data]):  # items carry their teacher scores
-            part.teacher = cfg.kd_weight > 0
         if data.short_rows:
             say(f"note: {data.short_rows} of {len(data)} rows have fewer than {cfg.neg_nums} "
                 "negatives; they are topped up with other rows' passages")
@@ -395,15 +393,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
         **eval_summary(state.evals, cfg.eval_dataset),
     }
     if main:
-        t = summary["throughput"]
-        say(f"done: {state.step} steps, {state.samples / seconds:.1f} samples/s, "
-            f"{tokens / seconds:,.0f} tokens/s, {t['achieved_tflops'] * 1e3:.1f} GFLOP/s = "
-            f"{t['mfu']:.1%} of this machine's {t['peak_dtype']} matmul peak "
-            f"({t['peak_tflops'] * 1e3:.0f} GFLOP/s)")
-        if "eval" in summary:
-            m = summary["eval"]["metrics"]
-            say(format_table({"before": {k: v["before"] for k, v in m.items()},
-                              "after": {k: v["after"] for k, v in m.items()}}))
+        say(done_lines(summary))
         write_json(os.path.join(cfg.output_dir, "training_summary_report.json"), summary)
         say(publish(cfg.output_dir, summary))  # training_curves.png; final/README.md
     logger.close()
