@@ -62,8 +62,9 @@ def test_final_card_tells_the_run_as_its_files_do(cli_run):
     assert TEMPLATE not in body  # PEFT's template replaced
     assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "feature-extraction"
     assert {"embedrag", "lora"} <= set(meta["tags"]) and "base_model" not in meta
-    rows = sum(1 for line in open(args["train_dataset"]) if line.strip())
-    assert f"`{args['train_dataset']}`, {rows} rows" in body
+    data = args["train_dataset"][0]
+    rows = sum(1 for line in open(data) if line.strip())
+    assert f"- Data: `{data}` ({rows} rows);" in body
     assert f"{summary['totals']['steps']} optimizer steps, {summary['totals']['samples']} " \
            "queries" in body
     assert "LoRA (r 4, alpha 8, dropout 0.1)" in body and "Attention: bidirectional" in body
