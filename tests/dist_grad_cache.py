@@ -72,7 +72,7 @@ def main(model_path: str, out: str) -> None:
                                   batch["passage_ids"], cfg.temperature)
 
         torch.manual_seed(100 + step)
-        loss = forward_backward(accelerator, model, batch, cfg, 1.0)
+        loss, _ = forward_backward(accelerator, model, batch, cfg, 1.0)
         torch.manual_seed(100 + step)
         reps = {"query": [], "passage": []}
         for kind in reps:
