@@ -254,6 +254,10 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, Any], world_size: int,
     math. Memory savers (GradCache, gradient checkpointing), saving, logging and evaluation
     flags may change, and so may the length of the run."""
     now = cfg.to_dict()
+    saved = dict(saved)
+    for k, v in now.items():  # a run saved before the flag took a list: one file
+        if isinstance(v, list) and isinstance(saved.get(k), str):
+            saved[k] = [saved[k]]
     changed = [f"--{k} {saved[k]!r} -> {now[k]!r}" for k in now
                if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
     if world_size != saved_world_size:
