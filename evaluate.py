@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="Weights' dtype for inference.")
     p.add_argument("--dims", default=None,
-                   help="Also score these prefixes of the embeddings, e.g. 256,128,64 "
-                        "(Matryoshka). Default: training_config.json's matryoshka_dims.")
+                   help="Also score these prefixes of the embeddings (re-normalised), e.g. "
+                        "256,128,64 (Matryoshka). Default: training_config.json's "
+                        "matryoshka_dims.")
     p.add_argument("--output_file", default=None, help="Write the metrics here as JSON.")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="Run code shipped with the model repository.")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"evaluate.py: error: --dims {args.dims}: {e}\n")
     if beir:
         metrics = evaluate_beir(model, tokenizer, args.eval_dataset, settings, split=args.split,
-                                batch_size=args.batch_size, progress=True)
+                                batch_size=args.batch_size, progress=True, dims=dims)
     else:
         metrics = evaluate(model, tokenizer, examples, settings, batch_size=args.batch_size,
                            progress=True, dims=dims)

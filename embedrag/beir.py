@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from embedrag.metrics import METRICS, query_metrics, top_ranked
 from embedrag.modeling import EmbedSettings, encode_ids, encode_with
@@ -76,8 +77,9 @@ def load_corpus(folder: str, tokenizer: Any, settings: EmbedSettings) -> Any:
 @torch.no_grad()
 def evaluate_beir(model: Any, tokenizer: Any, folder: str, settings: EmbedSettings, *,
                   split: str = "test", batch_size: int = 32, progress: bool = False,
-                  ) -> dict[str, float]:
-    """METRICS of `model` on a BEIR folder's split, averaged over the split's queries."""
+                  dims: list[int] | None = None) -> dict[str, float]:
+    """METRICS of `model` on a BEIR folder's split, averaged over the split's queries (and of
+    each prefix in `dims`, as `embedrag.evaluation.evaluate` reports them)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -105,19 +107,28 @@ def evaluate_beir(model: Any, tokenizer: Any, folder: str, settings: EmbedSettin
         found = pc.index_in(pa.array(values, pa.string()), value_set=value_set)
         return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64).tolist()
 
-    ranked = top_ranked(q, p, 100, index(qids))
-    docs = [d for qid in qids for d in qrels[qid]]
-    where = iter(index(docs))
-    totals, missing = dict.fromkeys(METRICS, 0.0), 0
-    for qid, ranking in zip(qids, ranked, strict=True):
-        grades = {}
-        for grade in qrels[qid].values():
-            at = next(where)
-            if at < 0:  # not in the corpus: still relevant, never retrievable
-                missing += 1
-                at = -missing
-            grades[at] = grade
-        if any(g > 0 for g in grades.values()):
-            for m, v in query_metrics(ranking, grades).items():
-                totals[m] += v
-    return {m: v / max(len(qids), 1) for m, v in totals.items()}
+    exclude, docs_at = index(qids), index([d for qid in qids for d in qrels[qid]])
+
+    def score(q: torch.Tensor, p: torch.Tensor) -> dict[str, float]:
+        ranked = top_ranked(q, p, 100, exclude)
+        where = iter(docs_at)
+        totals, missing = dict.fromkeys(METRICS, 0.0), 0
+        for qid, ranking in zip(qids, ranked, strict=True):
+            grades = {}
+            for grade in qrels[qid].values():
+                at = next(where)
+                if at < 0:  # not in the corpus: still relevant, never retrievable
+                    missing += 1
+                    at = -missing
+                grades[at] = grade
+            if any(g > 0 for g in grades.values()):
+                for m, v in query_metrics(ranking, grades).items():
+                    totals[m] += v
+        return {m: v / max(len(qids), 1) for m, v in totals.items()}
+
+    metrics = score(q, p)
+    for dim in dims or []:  # Matryoshka prefixes, re-normalised
+        if dim < q.shape[-1]:
+            prefix = [F.normalize(x[:, :dim], dim=-1) for x in (q, p)]
+            metrics.update({f"dim{dim}/{k}": v for k, v in score(*prefix).items()})
+    return metrics

@@ -40,7 +40,8 @@ def test_beir_metrics_equal_pytrec_eval(beir_folder, tiny_encoder, tmp_path):
     folder, docs, queries, qrels = beir_folder
     out = tmp_path / "metrics.json"
     assert evaluate_script.main(["--model_path", tiny_encoder, "--eval_dataset", str(folder),
-                                 "--pooling", "mean", "--output_file", str(out)]) == 0
+                                 "--pooling", "mean", "--dims", "16",
+                                 "--output_file", str(out)]) == 0
     ours = json.loads(out.read_text())
 
     # independent: embed the texts as plain lists, rank with torch, score with trec_eval
@@ -50,28 +51,37 @@ def test_beir_metrics_equal_pytrec_eval(beir_folder, tiny_encoder, tmp_path):
     p = model.encode(tok, texts, max_len=settings.passage_max_len, append_eos=False)
     q = model.encode(tok, list(queries.values()), max_len=settings.query_max_len,
                      append_eos=False)
-    scores = (q.double() @ p.double().T).tolist()
-    run10, run100 = {}, {}
-    for qid, row in zip(queries, scores, strict=True):
-        ranked = sorted((s, d) for s, d in zip(row, ids, strict=True) if d != qid)[::-1]
-        run100[qid] = {d: s for s, d in ranked[:100]}
-        run10[qid] = {d: s for s, d in ranked[:10]}
     truth = {}
     for qid, doc, grade in qrels:
         truth.setdefault(qid, {})[doc] = grade
 
-    def mean(run, measure, key):
-        per_query = pytrec_eval.RelevanceEvaluator(truth, {measure}).evaluate(run)
-        return sum(v[key] for v in per_query.values()) / len(per_query)
+    def trec_eval(q, p):
+        scores = (q.double() @ p.double().T).tolist()
+        run10, run100 = {}, {}
+        for qid, row in zip(queries, scores, strict=True):
+            ranked = sorted((s, d) for s, d in zip(row, ids, strict=True) if d != qid)[::-1]
+            run100[qid] = {d: s for s, d in ranked[:100]}
+            run10[qid] = {d: s for s, d in ranked[:10]}
 
-    want = {"ndcg@10": mean(run100, "ndcg_cut.10", "ndcg_cut_10"),
-            "mrr@10": mean(run10, "recip_rank", "recip_rank"),
-            "recall@1": mean(run100, "recall.1", "recall_1"),
-            "recall@10": mean(run100, "recall.10", "recall_10"),
-            "recall@100": mean(run100, "recall.100", "recall_100"),
-            "map@100": mean(run100, "map_cut.100", "map_cut_100")}
-    assert ours == pytest.approx(want, abs=1e-6)
+        def mean(run, measure, key):
+            per_query = pytrec_eval.RelevanceEvaluator(truth, {measure}).evaluate(run)
+            return sum(v[key] for v in per_query.values()) / len(per_query)
+
+        return {"ndcg@10": mean(run100, "ndcg_cut.10", "ndcg_cut_10"),
+                "mrr@10": mean(run10, "recip_rank", "recip_rank"),
+                "recall@1": mean(run100, "recall.1", "recall_1"),
+                "recall@10": mean(run100, "recall.10", "recall_10"),
+                "recall@100": mean(run100, "recall.100", "recall_100"),
+                "map@100": mean(run100, "map_cut.100", "map_cut_100")}
+
+    full = {k: v for k, v in ours.items() if not k.startswith("dim")}
+    assert full == pytest.approx(trec_eval(q, p), abs=1e-6)
     assert 0 < ours["ndcg@10"] < 1 and ours["recall@100"] < 1  # d_missing: never found
+    # the first 16 dimensions, re-normalised, as an embedding of their own (Matryoshka)
+    short = trec_eval(*(torch.nn.functional.normalize(x[:, :16], dim=-1) for x in (q, p)))
+    assert {k[len("dim16/"):]: v for k, v in ours.items() if k.startswith("dim16/")} == \
+        pytest.approx(short, abs=1e-6)
+    assert short != pytest.approx(full, abs=1e-3)  # the prefix ranks differently
 
 
 def test_graded_ndcg_by_hand():
