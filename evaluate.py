@@ -76,12 +76,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"evaluate.py: error: --eval_dataset {args.eval_dataset}: no such file "
                        "(nor a BEIR folder)\n")
 
+    from embedrag.config import parse_dims, read_training_config
+
+    try:  # before any model loads
+        dims = ([d for d, _ in parse_dims(args.dims)] if args.dims is not None
+                else (read_training_config(args.model_path) or {}).get("matryoshka_dims") or [])
+    except ValueError as e:
+        parser.exit(2, f"evaluate.py: error: --dims {args.dims}: {e}\n")
+
     import torch
 
     from embedrag.data import DataError
     from embedrag.evaluation import evaluate, format_table
     from embedrag.inputs import load_rows
     from embedrag.loading import load_embedder
+    from embedrag.modeling import embedding_width as model_width
 
     try:
         examples = None if beir else load_rows(args.eval_dataset)  # memory-mapped Arrow
@@ -99,14 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"evaluate.py: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    from embedrag.config import parse_dims, read_training_config
-
-    saved = read_training_config(args.model_path) or {}
-    try:
-        dims = ([d for d, _ in parse_dims(args.dims)] if args.dims is not None
-                else saved.get("matryoshka_dims") or [])
-    except ValueError as e:
-        parser.exit(2, f"evaluate.py: error: --dims {args.dims}: {e}\n")
+    width = model_width(model)
+    if dims and max(dims) >= width:
+        print(f"note: --dims {', '.join(str(d) for d in dims if d >= width)}: the embeddings "
+              f"have {width} dimensions; scored in full only", file=sys.stderr)
     if beir:
         metrics = evaluate_beir(model, tokenizer, args.eval_dataset, settings, split=args.split,
                                 batch_size=args.batch_size, progress=True, dims=dims)

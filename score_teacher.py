@@ -44,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--input {args.input}: no such file")
     if not args.input.endswith((".jsonl", ".json")):
         return fail(f"--input {args.input}: a JSONL file is expected")
+    if os.path.realpath(args.output) == os.path.realpath(args.input):
+        return fail("--output must not be --input")
     if os.path.exists(args.output) and not args.overwrite:
         return fail(f"--output {args.output} exists; pass --overwrite to replace it")
-    if os.path.abspath(args.output) == os.path.abspath(args.input):
-        return fail("--output must not be --input")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        return fail(f"--output {args.output}: no such folder")
     from embedrag.data import DataError
     from embedrag.inputs import load_rows
 

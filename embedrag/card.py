@@ -268,7 +268,8 @@ def _usage(usage: Usage, config: dict[str, Any]) -> list[str]:
         "```python", sentence_transformers_snippet(usage).rstrip(), "```", "",
         *([f"Trained as Matryoshka embeddings: the first {', '.join(map(str, dims))} "
            "numbers are embeddings of their own — slice and re-normalise them, or "
-           f"`SentenceTransformer(..., truncate_dim={dims[-1]})`.", ""]
+           f"`SentenceTransformer(..., truncate_dim={dims[-1]})` and score by cosine (it "
+           "truncates after normalising).", ""]
           if (dims := [d for d in config.get("matryoshka_dims") or []
                        if d < config.get("embedding_dim", 0)]) else []),
         "EmbedRAG's own `evaluate.py --model_path` and `EmbeddingModel` read "

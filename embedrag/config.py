@@ -261,7 +261,21 @@ def check(cfg: TrainConfig, argv: list[str]) -> list[str]:
         parse_dims(cfg.matryoshka_dims)
     except ValueError as e:
         problems.append(f"--matryoshka_dims {cfg.matryoshka_dims!r}: {e}")
-    if cfg.streaming and (len(cfg.train_files()) > 1 or cfg.kd_weight):
+    from embedrag.data import DataError
+    from embedrag.mixture import expand, parse_weights
+
+    try:
+        files = expand([f for f in cfg.train_files() if os.path.exists(f)])
+        parse_weights(cfg.dataset_weights)
+    except DataError as e:
+        problems.append(str(e))
+        files = []
+    if len(set(map(os.path.realpath, files))) < len(files):
+        problems.append("--train_dataset: a file is given twice")
+    if len(files) == 1 and (cfg.dataset_weights or cfg.dataset_instructions):
+        problems.append("--dataset_weights and --dataset_instructions are for several "
+                        "--train_dataset files; one file takes --query_instruction")
+    if cfg.streaming and (len(files) > 1 or cfg.kd_weight):
         problems.append("--streaming reads one file without teacher scores: drop it to train "
                         "on several files or with --kd_weight")
     if cfg.temperature <= 0:
@@ -323,8 +337,8 @@ def parse_dims(spec: str) -> list[tuple[int, float]]:
             pairs.append((int(dim), float(weight) if weight else 1.0))
         except ValueError:
             raise ValueError(f"'{part}' is not DIM or DIM:WEIGHT") from None
-        if pairs[-1][0] <= 0 or pairs[-1][1] <= 0:
-            raise ValueError(f"'{part}': dimension and weight must be positive")
+        if pairs[-1][0] <= 0 or not 0 < pairs[-1][1] < float("inf"):
+            raise ValueError(f"'{part}': dimension and weight must be positive and finite")
     if len({d for d, _ in pairs}) < len(pairs):
         raise ValueError("a dimension is listed twice")
     return sorted(pairs, reverse=True)

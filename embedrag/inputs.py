@@ -125,11 +125,12 @@ def _check_arrow(ds: Any, source: str) -> Any:
     if missing:
         raise DataError(f"{source}: no '{missing[0]}' column (columns: "
                         f"{', '.join(ds.column_names)})")
+    features = row_features()
     if "neg" not in ds.column_names:
-        ds = ds.add_column("neg", [[]] * len(ds))
+        ds = ds.add_column("neg", [[]] * len(ds), feature=features["neg"])
     for name in OPTIONAL:
         if name not in ds.column_names:
-            ds = ds.add_column(name, [None] * len(ds))
+            ds = ds.add_column(name, [None] * len(ds), feature=features[name])
     names = [*COLUMNS, *OPTIONAL]
     ds = ds.select_columns(names)
     problems, count = [], 0
@@ -146,8 +147,9 @@ def _check_arrow(ds: Any, source: str) -> Any:
         _raise(problems, count, source)
     if not len(ds):
         raise DataError(f"{source}: no training rows")
-    ds = ds.add_column("line", list(range(len(ds))))
-    return ds.cast(row_features())
+    ds = ds.add_column("line", list(range(len(ds))), feature=features["line"])
+    # a full rewrite only when a column's type differs (e.g. float32 scores)
+    return ds if ds.features == features else ds.cast(features)
 
 
 def load_rows(spec: str) -> Any:

@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from typing import Any
 
 import numpy as np
 import torch
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".parquet")
 
 
 def expand(specs: list[str]) -> list[str]:
@@ -38,8 +39,14 @@ def expand(specs: list[str]) -> list[str]:
         saved = any(os.path.isfile(os.path.join(spec, f))
                     for f in ("state.json", "dataset_dict.json"))
         if os.path.isdir(spec) and not saved:
-            files += sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                            if f.endswith(DATA_SUFFIXES))
+            found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
+                           if f.endswith(DATA_SUFFIXES))
+            if not found:
+                from embedrag.data import DataError
+
+                raise DataError(f"{spec}: a folder without .jsonl or .parquet files (nor one "
+                                "written by save_to_disk)")
+            files += found
         else:
             files.append(spec)
     return files
@@ -133,23 +140,21 @@ def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
 
     num_proc = cfg.preprocessing_num_workers or None
     if not isinstance(rows, dict):
-        data = TrainingSet(rows, tokenizer, source=cfg.train_files()[0], num_proc=num_proc,
-                           **texts)
+        path = expand(cfg.train_files())[0]
+        data = TrainingSet(rows, tokenizer, source=path, num_proc=num_proc, **texts)
         data.teacher = cfg.kd_weight > 0  # items then carry their teacher scores
         if cfg.kd_weight:
-            _check_scored(cfg.train_files()[0], data)
+            _check_scored(path, data)
         return data, EpochShuffle(len(data), cfg.seed), [_describe(
-            cfg.train_files()[0], data, texts["query_instruction"], 1.0)]
+            path, data, texts["query_instruction"], 1.0)]
     files = list(rows)
     instructions = cfg.dataset_instructions or [""] * len(files)
-    weights = [float(w) for w in cfg.dataset_weights.split(",")] if cfg.dataset_weights else []
+    weights = parse_weights(cfg.dataset_weights)
     for name, values in (("--dataset_instructions", instructions),
                          ("--dataset_weights", weights)):
         if values and len(values) != len(files):
             raise DataError(f"{name}: {len(values)} given for {len(files)} training files "
                             f"({', '.join(files)})")
-    if any(w <= 0 for w in weights):
-        raise DataError(f"--dataset_weights {cfg.dataset_weights}: weights must be positive")
     parts = []
     for path, instruction in zip(files, instructions, strict=True):
         parts.append(TrainingSet(rows[path], tokenizer, source=path, num_proc=num_proc,
@@ -159,12 +164,35 @@ def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
         part.teacher = cfg.kd_weight > 0
         if cfg.kd_weight:
             _check_scored(path, part)
+    small = [f"{path} ({len(part)} rows)" for path, part in zip(files, parts, strict=True)
+             if len(part) < block]
+    if small:  # a step takes `block` rows from one file: a smaller one repeats its rows
+        print(f"note: {', '.join(small)} hold fewer rows than one step takes ({block} = "
+              "processes x batch x accumulation); their steps repeat rows", file=sys.stderr)
     sampler = FileBatches([len(p) for p in parts], block, cfg.seed, weights or None)
     share = np.array(sampler.blocks) / sum(sampler.blocks)
     described = [_describe(path, part, instruction or texts["query_instruction"], float(s))
                  for path, part, instruction, s in zip(files, parts, instructions, share,
                                                        strict=True)]
     return MixedSet(parts), sampler, described
+
+
+def parse_weights(spec: str) -> list[float]:
+    """--dataset_weights '2,1' -> [2.0, 1.0]; DataError unless finite and positive."""
+    from embedrag.data import DataError
+
+    try:
+        weights = [float(w) for w in spec.split(",")] if spec else []
+    except ValueError:
+        raise DataError(f"--dataset_weights {spec}: not a list of numbers") from None
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise DataError(f"--dataset_weights {spec}: weights must be finite and positive")
+    return weights
+
+
+def where(path: str, line: int) -> str:
+    """How a row is named in messages: file:line for JSONL, 'source: row N' otherwise."""
+    return f"{path}:{line}" if path.endswith(".jsonl") else f"{path}: row {line}"
 
 
 def _check_scored(path: str, data: Any) -> None:
@@ -180,9 +208,9 @@ def _check_scored(path: str, data: Any) -> None:
                              pc.greater(pc.list_value_length(table.column("neg")), 0)))
     if pc.any(missing).as_py():
         row = int(pc.index(missing, True).as_py())
-        raise DataError(f"{path}:{data.rows[row]['line']}: no teacher scores ('pos_scores' and "
-                        "'neg_scores'); --kd_weight needs one for every passage "
-                        "(score_teacher.py writes them)")
+        raise DataError(f"{where(path, data.rows[row]['line'])}: no teacher scores "
+                        "('pos_scores' and 'neg_scores'); --kd_weight needs one for every "
+                        "passage (score_teacher.py writes them)")
 
 
 def _describe(path: str, data: Any, instruction: str, share: float) -> dict[str, Any]:

@@ -38,15 +38,19 @@ class EmbeddingTeacher:
         from embedrag.loading import load_embedder
 
         self.model, self.tokenizer, self.settings = load_embedder(
-            path, dtype=dtype, trust_remote_code=trust_remote_code)
+            path, dtype=dtype, trust_remote_code=trust_remote_code, device=_device())
         self.batch_size = batch_size
 
-    def score(self, queries: list[str], passages: list[list[str]]) -> list[list[float]]:
-        """Cosine of each query with each of its passages."""
+    def score(self, queries: list[str], passages: list[list[str]],
+              prompts: list[str | None] | None = None) -> list[list[float]]:
+        """Cosine of each query (with its row's own prompt, else the teacher's query
+        instruction) with each of its passages."""
         s = self.settings
-        q = self.model.encode(self.tokenizer, queries, max_len=s.query_max_len,
-                              append_eos=s.append_eos, batch_size=self.batch_size,
-                              instruction=s.query_instruction)                   # (B, D)
+        prompts = prompts or [None] * len(queries)
+        texts = [(s.query_instruction if p is None else p) + q
+                 for p, q in zip(prompts, queries, strict=True)]
+        q = self.model.encode(self.tokenizer, texts, max_len=s.query_max_len,
+                              append_eos=s.append_eos, batch_size=self.batch_size)  # (B, D)
         flat = [t for row in passages for t in row]
         p = self.model.encode(self.tokenizer, flat, max_len=s.passage_max_len,
                               append_eos=s.append_eos, batch_size=self.batch_size,
@@ -67,26 +71,32 @@ class CrossEncoderTeacher:
         check_remote_code(path, trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+            path, dtype=dtype, trust_remote_code=trust_remote_code).to(_device()).eval()
         if self.tokenizer.pad_token is None:  # decoder rerankers
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size, self.max_len = batch_size, max_len
 
     @torch.no_grad()
-    def score(self, queries: list[str], passages: list[list[str]]) -> list[list[float]]:
-        """The relevance logit of each (query, passage) pair."""
+    def score(self, queries: list[str], passages: list[list[str]],
+              prompts: list[str | None] | None = None) -> list[list[float]]:
+        """The relevance logit of each (query, passage) pair (a reranker reads the bare
+        query: row prompts are embedding instructions)."""
         pairs = [(q, t) for q, row in zip(queries, passages, strict=True) for t in row]
         out: list[float] = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start:start + self.batch_size]
             enc = self.tokenizer([q for q, _ in chunk], [t for _, t in chunk], padding=True,
                                  truncation="longest_first", max_length=self.max_len,
-                                 return_tensors="pt")
+                                 return_tensors="pt").to(self.model.device)
             logits = self.model(**enc).logits.double()                          # (n, labels)
             out += (logits[:, 0] if logits.shape[1] == 1
                     else logits[:, -1] - logits[:, 0]).tolist()
         return _split(out, passages)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _split(flat: list[float], like: list[list[str]]) -> list[list[float]]:
@@ -106,7 +116,8 @@ def score_file(teacher: Any, source: str, target: str, rows_per_batch: int = 64)
 
         def flush() -> None:
             scores = teacher.score([r["query"] for r in batch],
-                                   [r["pos"] + (r.get("neg") or []) for r in batch])
+                                   [r["pos"] + (r.get("neg") or []) for r in batch],
+                                   [r.get("prompt") for r in batch])
             for row, s in zip(batch, scores, strict=True):
                 row["pos_scores"], row["neg_scores"] = s[:len(row["pos"])], s[len(row["pos"]):]
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -134,15 +134,24 @@ def test_two_files_train_one_per_step_with_their_instructions_and_resume_exactly
                                                         abs=1e-6)
 
 
+def _code(*args):
+    """train.py's exit code, whether its flag check exits or main() returns."""
+    try:
+        return run_train(*args)[0]
+    except SystemExit as e:
+        return e.code
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--dataset_weights", "1,2,3"], "--dataset_weights: 3 given for 2 training files"),
     (["--dataset_instructions", "x"], "--dataset_instructions: 1 given for 2 training files"),
-    (["--dataset_weights", "1,0"], "weights must be positive")])
+    (["--dataset_weights", "1,0"], "weights must be finite and positive"),
+    (["--dataset_weights", "1,x"], "not a list of numbers")])
 def test_per_file_flags_must_match_the_files(flags, message, tiny_decoder, two_files, tmp_path,
                                              capsys):
     a, b = two_files
-    code = run_train(tiny_decoder, a, tmp_path / "out", "--finetune_type", "lora",
-                     "--train_dataset", a, b, *flags)[0]
+    code = _code(tiny_decoder, a, tmp_path / "out", "--finetune_type", "lora",
+                 "--train_dataset", a, b, *flags)
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not (tmp_path / "out").exists()
@@ -172,3 +181,20 @@ def test_two_files_on_two_processes_equal_one_process_with_the_double_batch(tiny
     # near-zero gradients); none off by more than 1e-3 (values ~0.1)
     assert _max_diff(weights(tmp_path / "two" / "final"), weights(tmp_path / "one" / "final")) \
         < 1e-3
+
+
+def test_folders_and_file_lists_are_checked_before_anything_loads(tiny_decoder, two_files,
+                                                                  tmp_path, capsys):
+    a, b = two_files
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for data, message in (([str(empty)], "a folder without .jsonl or .parquet files"),
+                          ([a, a], "a file is given twice")):
+        code = _code(tiny_decoder, a, tmp_path / "out", "--finetune_type", "lora",
+                     "--train_dataset", *data)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+    code = _code(tiny_decoder, a, tmp_path / "out", "--finetune_type", "lora",
+                 "--dataset_weights", "2")
+    assert code == 2 and "are for several --train_dataset files" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
