@@ -12,7 +12,7 @@ temperature 0.02, queries 64 / passages 128 tokens, on the man-page sets (datase
   does (40 steps), which scores every training row (score_teacher.py); the MiniLM student
   trains with --kd_weight 1 --kd_temperature 0.05 against the same student without it.
 - files: English + Traditional Chinese as two files, one file per step, against the same rows
-  in one file (mixed batches); held-out nDCG@10 on each language.
+  in one file (mixed batches), the same number of steps; held-out nDCG@10 on each language.
 Prints a table per part and writes results.json in the workdir.
 """
 
@@ -98,7 +98,7 @@ def kd(work: str) -> dict:
     return rows
 
 
-def files(work: str) -> dict:
+def files(work: str, max_steps: int = 0) -> dict:
     mixed = os.path.join(work, "en_zh_mixed.jsonl")
     if not os.path.isfile(mixed):
         lines = [line for path in (EN[0], ZH[0]) for line in open(path, encoding="utf-8")]
@@ -106,9 +106,13 @@ def files(work: str) -> dict:
         with open(mixed, "w", encoding="utf-8") as f:
             f.writelines(lines)
     base = [*MINILM_FLAGS, "--model_name_or_path", minilm()]
-    runs = {"one file per step": run_train("files_split", work,
+    tag = ""
+    if max_steps:  # the same number of steps for both, a part of the epoch
+        base, tag = [*base, "--max_steps", str(max_steps)], f"_{max_steps}"
+    runs = {"one file per step": run_train(f"files_split{tag}", work,
                                            [*base, "--train_dataset", EN[0], ZH[0]]),
-            "mixed batches": run_train("files_mixed", work, [*base, "--train_dataset", mixed])}
+            "mixed batches": run_train(f"files_mixed{tag}", work,
+                                       [*base, "--train_dataset", mixed])}
     rows = {name: {"en": ndcg(path, EN[1])["ndcg@10"], "zh": ndcg(path, ZH[1])["ndcg@10"]}
             for name, path in runs.items()}
     rows["base model"] = {"en": ndcg(minilm(), EN[1])["ndcg@10"],
@@ -124,13 +128,17 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["matryoshka", "kd", "files"],
                    choices=["matryoshka", "kd", "files"])
     p.add_argument("--workdir", default=None)
+    p.add_argument("--files_max_steps", type=int, default=0,
+                   help="files: stop both runs after this many steps (0 = one epoch)")
     args = p.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="recipes_")
     os.makedirs(work, exist_ok=True)
     results = {}
     for part in args.parts:
         print(f"== {part}", flush=True)
-        results[part] = {"matryoshka": matryoshka, "kd": kd, "files": files}[part](work)
+        run = {"matryoshka": matryoshka, "kd": kd,
+               "files": lambda w: files(w, args.files_max_steps)}[part]
+        results[part] = run(work)
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
 
