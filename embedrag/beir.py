@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from embedrag.metrics import METRICS, query_metrics, top_ranked
+from embedrag.metrics import METRICS, query_metrics, top_ranked, with_prefixes
 from embedrag.modeling import EmbedSettings, encode_ids, encode_with
 
 
@@ -126,9 +125,4 @@ def evaluate_beir(model: Any, tokenizer: Any, folder: str, settings: EmbedSettin
                     totals[m] += v
         return {m: v / max(len(qids), 1) for m, v in totals.items()}
 
-    metrics = score(q, p)
-    for dim in dims or []:  # Matryoshka prefixes, re-normalised
-        if dim < q.shape[-1]:
-            prefix = [F.normalize(x[:, :dim], dim=-1) for x in (q, p)]
-            metrics.update({f"dim{dim}/{k}": v for k, v in score(*prefix).items()})
-    return metrics
+    return with_prefixes(q, p, dims, score)

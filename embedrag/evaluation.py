@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from embedrag.metrics import METRICS, ranked_metrics, top_ranked
+from embedrag.metrics import METRICS, ranked_metrics, top_ranked, with_prefixes
 from embedrag.modeling import EmbedSettings, encode_ids
 
 
@@ -49,13 +48,8 @@ def evaluate(model: Any, tokenizer: Any, rows: Any, settings: EmbedSettings,
                    progress="passages" if progress else "")                   # (C, D)
     model.train(was_training)
     relevant = [set(table.positives(i)) for i in range(len(ds))]
-    metrics = ranked_metrics(top_ranked(q, p, 100), relevant)
-    for dim in dims or []:
-        if dim < q.shape[-1]:
-            prefix = [F.normalize(x[:, :dim], dim=-1) for x in (q, p)]
-            metrics.update({f"dim{dim}/{k}": v for k, v in
-                            ranked_metrics(top_ranked(*prefix, 100), relevant).items()})
-    return metrics
+    return with_prefixes(q, p, dims, lambda q, p: ranked_metrics(top_ranked(q, p, 100),
+                                                                 relevant))
 
 
 def pc_lengths(column: Any) -> Any:

@@ -12,9 +12,10 @@ Each is averaged over queries. Ties in score are broken by corpus order.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10", "recall@100", "map@100")
 
@@ -88,3 +89,16 @@ def ranked_metrics(ranked: list[list[int]], relevant: list) -> dict[str, float]:
         raise ValueError("every query needs at least one relevant document")
     per_query = [query_metrics(r, rel) for r, rel in zip(ranked, relevant, strict=True)]
     return {m: sum(q[m] for q in per_query) / len(per_query) for m in METRICS}
+
+
+def with_prefixes(q: torch.Tensor, p: torch.Tensor, dims: list[int] | None,
+                  score: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+                  ) -> dict[str, float]:
+    """score(q, p), and for each dimension in `dims` below the embeddings' own the score of
+    that prefix, re-normalised (Matryoshka), as 'dim64/ndcg@10'."""
+    metrics = score(q, p)
+    for dim in dims or []:
+        if dim < q.shape[-1]:
+            prefix = [F.normalize(x[:, :dim], dim=-1) for x in (q, p)]
+            metrics.update({f"dim{dim}/{k}": v for k, v in score(*prefix).items()})
+    return metrics
