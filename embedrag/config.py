@@ -150,8 +150,9 @@ class TrainConfig:
         "the newest complete one in --output_dir. The result equals an uninterrupted run.",
         default="")
     mixed_precision: str = _flag(
-        "Autocast through Accelerate: no, fp16 or bf16; auto = bf16 where the hardware runs it "
-        "natively (CUDA Ampere+, CPUs with AVX-512 BF16/AMX), else no. Under lora/qlora the "
+        "Autocast through Accelerate: no, fp16 or bf16; auto = bf16 or no, whichever a short "
+        "measured probe of this model finds faster here (cached per machine and model shape; "
+        "no without native bf16). Under lora/qlora the "
         "frozen base is also loaded in that dtype to save memory.", default="no",
         choices=MIXED_PRECISIONS)
     grad_cache_chunk_size: int = _flag(

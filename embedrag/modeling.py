@@ -46,6 +46,63 @@ def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 POOLERS = {"last": last_token_pool, "mean": mean_pool, "cls": cls_pool}
 
+# What one more forward+backward call costs, in token positions computed (padding included).
+# On a CPU a position of all-MiniLM-L6-v2 costs ~0.3 ms against ~10 ms for a call's own
+# overhead (benchmarks/profile_step.py); a GPU runs thousands of positions in a call's time.
+BUCKET_OVERHEAD = {"cpu": 32, "default": 8192}
+
+
+@dataclass
+class Bucket:
+    rows: list[int]              # rows of the batch, shortest first
+    window: tuple[int, int]      # the columns holding all their real tokens
+
+
+def length_buckets(mask: torch.Tensor, overhead: int | None = None) -> list[Bucket]:
+    """Split a padded batch (mask (N, L), 1 on real tokens) into groups of rows of similar
+    length, each computed on its own columns only.
+
+    The grouping minimises (positions computed, padding included) + `overhead` per group, by
+    dynamic programming over the rows sorted by length (an optimal grouping is contiguous in
+    that order); `overhead` defaults to BUCKET_OVERHEAD for the mask's device. This is what
+    padding-free (varlen) attention buys on a GPU, with kernels every backend has: the
+    transformer sees no padding beyond its bucket's, while the batch — and so the in-batch
+    negatives — stays the same."""
+    import numpy as np
+
+    if overhead is None:
+        overhead = BUCKET_OVERHEAD.get(mask.device.type, BUCKET_OVERHEAD["default"])
+    m = mask.detach().to("cpu", torch.bool).numpy()                     # (N, L)
+    n, width = m.shape
+    if n == 0:
+        return [Bucket([], (0, width))]
+    real = m.any(1)
+    first = np.where(real, m.argmax(1), 0)                               # (N,)
+    last = np.where(real, width - 1 - m[:, ::-1].argmax(1), 0)           # (N,)
+    span = last - first + 1
+    order = np.argsort(span, kind="stable")
+    a = span[order]                                                      # ascending widths
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):  # best[j]: cheapest grouping of the j shortest rows
+        cost = best[:j] + (j - np.arange(j)) * a[j - 1] + overhead
+        start[j] = int(cost.argmin())
+        best[j] = cost[start[j]]
+    cuts, j = [], n
+    while j > 0:
+        cuts.append((int(start[j]), j))
+        j = int(start[j])
+    buckets = []
+    for i, j in reversed(cuts):
+        rows = order[i:j]
+        buckets.append(Bucket(rows.tolist(), (int(first[rows].min()), int(last[rows].max()) + 1)))
+    return buckets
+
+
+def computed_positions(mask: torch.Tensor) -> int:
+    """Token positions `EmbeddingModel` computes for this padded batch (padding included)."""
+    return sum(len(b.rows) * (b.window[1] - b.window[0]) for b in length_buckets(mask))
+
 
 @dataclass
 class EmbedSettings:
@@ -78,6 +135,24 @@ class EmbeddingModel(nn.Module):
         self.head_names = list(head_names or [])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids and mask, padded to the batch's longest text -> (N, D) embeddings.
+
+        The rows are embedded a length bucket at a time (`length_buckets`), each bucket cut to
+        its own longest text, so the padding the batch carries is not computed on. A text's
+        embedding does not depend on the padding around it, so the result — and its gradient —
+        is the padded batch's, row for row."""
+        buckets = length_buckets(attention_mask)
+        if len(buckets) == 1 and buckets[0].window == (0, attention_mask.shape[1]):
+            return self._embed(input_ids, attention_mask)
+        out = []
+        for b in buckets:
+            rows = torch.tensor(b.rows, device=input_ids.device)
+            lo, hi = b.window
+            out.append(self._embed(input_ids[rows, lo:hi], attention_mask[rows, lo:hi]))
+        order = torch.tensor([i for b in buckets for i in b.rows], device=input_ids.device)
+        return torch.cat(out)[torch.argsort(order)]                      # (N, D), input order
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = POOLERS[self.pooling](hidden, attention_mask)            # (N, H)
         if self.head is not None:

@@ -45,6 +45,7 @@ from embedrag.mixture import training_data
 from embedrag.modeling import (
     EmbeddingModel,
     EmbedSettings,
+    computed_positions,
     count_parameters,
     embedding_width,
     freeze_unreached,
@@ -52,7 +53,8 @@ from embedrag.modeling import (
     resolve_append_eos,
 )
 from embedrag.optim import linear_schedule, make_optimizer
-from embedrag.perf import native_bf16, utilisation
+from embedrag.perf import utilisation
+from embedrag.precision import resolve as resolve_precision
 from embedrag.recipe import DEFAULTS, decide, load_head, read_recipe
 from embedrag.streaming import StreamingSet
 
@@ -75,21 +77,26 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
     from accelerate.utils import DistributedType, broadcast_object_list, set_seed
     from transformers import AutoConfig
 
-    if cfg.mixed_precision == "auto":
-        cfg.mixed_precision = "bf16" if native_bf16() else "no"
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path,
                                               trust_remote_code=cfg.trust_remote_code)
-    accelerator = make_accelerator(cfg, cfg.mixed_precision, routes_experts(model_config))
-    main = accelerator.is_main_process
-    world = accelerator.num_processes
-    say = tqdm.write if main else (lambda *_: None)
-    set_seed(cfg.seed)
-
     # --- how texts are embedded: flags, else the model's own recipe, else our defaults ---
     recipe = read_recipe(cfg.model_name_or_path)
     decided, sources = decide({name: getattr(cfg, name) for name in DEFAULTS}, recipe)
     for name, value in decided.items():
         setattr(cfg, name, value)
+    precision = None  # auto: measured on this shape, or from this machine's cache (precision.py)
+    if cfg.mixed_precision == "auto":
+        precision = resolve_precision(cfg, model_config)
+        cfg.mixed_precision = precision["choice"]
+    accelerator = make_accelerator(cfg, cfg.mixed_precision, routes_experts(model_config))
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    say = tqdm.write if main else (lambda *_: None)
+    set_seed(cfg.seed)
+    if precision:
+        say(f"precision: {'bf16 autocast' if precision['choice'] == 'bf16' else 'fp32'} "
+            f"(auto: {precision['reason']})")
+
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     append_eos = resolve_append_eos(cfg.append_eos, cfg.pooling, tokenizer)
     limit = max_model_length(cfg.model_name_or_path, tokenizer, cfg.trust_remote_code)
@@ -159,7 +166,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
     info.update(frozen_unused_parameters=unused, settings_from=sources,
                 dense_modules=recipe.dense, attention=cfg.attention, embedding_dim=width,
                 matryoshka_dims=[d for d, _ in cfg.matryoshka()] or None,
-                datasets=datasets_used)
+                datasets=datasets_used, precision_auto=precision)
     trainable, total = count_parameters(model)
     # Sharded weights (DeepSpeed, FSDP): every process takes part in each forward pass, and
     # the optimizer state is not whole on any one of them (nor are fused kernels known to work).
@@ -307,8 +314,8 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             # Counted on the device; read back only when logging (no per-step host sync).
             sums.tokens += batch["query_attention_mask"].sum()
             sums.tokens += batch["passage_attention_mask"].sum()
-            state.slots += world * (batch["query_input_ids"].numel()
-                                    + batch["passage_input_ids"].numel())
+            state.slots += world * (computed_positions(batch["query_attention_mask"])
+                                    + computed_positions(batch["passage_attention_mask"]))
             sums.window_loss += loss.detach()
             for i, name in enumerate(PARTS):
                 if name in parts:

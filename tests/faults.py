@@ -8,6 +8,9 @@ Keys of the JSON object in EMBEDRAG_FAULTS:
     sleep_per_step  seconds to sleep after each logged step (lets a test kill a run mid-way)
     save_delay      seconds to sleep before a step checkpoint's trainer_state.json is written
     fail_rank       that process raises OSError("injected on rank N") in its first step
+    probe           {"log": FILE}: --mixed_precision auto's probe is not run; each process that
+                    would run it appends its rank to FILE and finds bf16 faster on rank 0 and
+                    fp32 faster elsewhere (every process reports native bf16)
 Runs under `python -m torch.distributed.run` too, and workers that train.py starts itself
 (`--num_processes`) run this file again, so they carry the same faults.
 """
@@ -26,7 +29,7 @@ sys.path.insert(0, ROOT)
 
 
 def install(faults: dict) -> None:
-    from embedrag import checkpoints, launch, logs, loss, trainer
+    from embedrag import checkpoints, launch, logs, loss, precision, trainer
 
     if "nan_at_step" in faults:
         real_loss, calls = loss.embedding_loss, [0]
@@ -62,6 +65,15 @@ def install(faults: dict) -> None:
             raise OSError(f"injected on rank {faults['fail_rank']}")
 
         trainer.forward_backward = fail
+    if "probe" in faults:
+        def measure(cfg, device):
+            rank = int(os.environ.get("RANK", "0"))
+            with open(faults["probe"]["log"], "a", encoding="utf-8") as f:
+                f.write(f"{rank}\n")
+            return {"fp32": 2.0, "bf16": 1.0} if rank == 0 else {"fp32": 1.0, "bf16": 2.0}
+
+        precision.measure = measure
+        precision.native_bf16 = lambda device=None: True
     real_workers = launch.run_workers
     launch.run_workers = lambda n, script, argv: real_workers(n, os.path.abspath(__file__), argv)
 

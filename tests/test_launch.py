@@ -218,6 +218,24 @@ def test_a_failing_worker_is_reported_once_with_its_exit_code(tiny_decoder, lear
         done.stderr[-2000:]
 
 
+def test_auto_precision_is_decided_once_and_shared_by_every_process(tiny_decoder,
+                                                                   learnable_data, tmp_path):
+    """Only the main process probes (were each to probe, rank 1 would find fp32 faster); every
+    process trains in its choice, bf16, so their LoRA bases agree."""
+    out, probed = tmp_path / "o", tmp_path / "probed.txt"
+    env = {**ENV, "EMBEDRAG_FAULTS": json.dumps({"probe": {"log": str(probed)}}),
+           "EMBEDRAG_CACHE": str(tmp_path / "cache")}
+    done = _run([sys.executable, "tests/faults.py",
+                 *_flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
+                         "--num_processes", "2", "--max_steps", "2",
+                         "--mixed_precision", "auto")], env=env)
+    assert probed.read_text() == "0\n"
+    config = json.loads((out / "final" / "training_config.json").read_text())
+    assert config["mixed_precision"] == "bf16"
+    assert config["precision_auto"]["choice"] == "bf16"
+    assert done.stdout.count("precision: bf16 autocast (auto: ") == 1
+
+
 # --- exact resume on two processes, dropout on --------------------------------------------
 
 def test_resume_mid_epoch_two_on_two_processes_equals_the_uninterrupted_run(

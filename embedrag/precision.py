@@ -1,0 +1,176 @@
+"""`--mixed_precision auto`: bf16 or fp32, whichever trains this model faster on this machine.
+
+Whether bf16 autocast pays depends on more than the hardware's bf16 support. On a 2-core AMD
+EPYC with AVX-512 BF16 but no AMX, bf16 matmuls run ~2x faster than fp32 yet a whole
+all-MiniLM-L6-v2 run was slower in bf16 (casts, attention and element-wise work around the
+matmuls), while Intel CPUs with AMX gain 1.7x. No flag rule gets both right, so `auto` measures:
+one transformer layer of the model's own shape (random weights, so the probe costs no load)
+runs a forward and backward pass on a batch of the run's shape, as the run will (weights
+trainable or frozen in the compute dtype, EmbedRAG's CPU kernels), a few times in each
+precision; the faster wins. The result is cached per machine, library versions and shape in
+$EMBEDRAG_CACHE/precision.json (default ~/.cache/embedrag), so only the first run pays its
+few seconds. Without native bf16 (older CPUs, GPUs before Ampere) fp32 is chosen unmeasured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from embedrag.perf import hardware, native_bf16
+
+PROBE_TOKENS = 2048  # positions per probe pass: long enough to time, short enough to not wait
+ROUNDS = 3           # timed passes per precision, alternating; the fastest of each counts
+
+
+def cache_path() -> str:
+    root = os.environ.get("EMBEDRAG_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "embedrag"))
+    return os.path.join(root, "precision.json")
+
+
+def probe_shape(cfg: Any) -> tuple[int, int]:
+    """(rows, length) of a probe pass: passages at the run's length (capped at 512), as many
+    as the run's batch has or PROBE_TOKENS allow."""
+    length = max(8, min(cfg.passage_max_len, 512))
+    rows = max(1, min(cfg.batch_size * (1 + cfg.neg_nums), PROBE_TOKENS // length))
+    return rows, length
+
+
+def cache_key(cfg: Any, model_config: Any, device: torch.device) -> str:
+    """What the answer depends on: hardware and its flags, threads, library versions, the
+    layer's shape and attention, how it trains, the probe's shape."""
+    import transformers
+
+    flags = ""
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                flags = next((line for line in f if line.startswith("flags")), "")
+        except OSError:
+            pass
+    text = model_config.get_text_config()
+    shape = {k: getattr(text, k, None) for k in (
+        "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "hidden_act", "attention_dropout",
+        "attention_probs_dropout_prob")}
+    parts = [hardware(), device.type, flags, str(torch.get_num_threads()), torch.__version__,
+             transformers.__version__, json.dumps(shape, sort_keys=True),
+             cfg.finetune_type, cfg.attention, str(cfg.attention_dropout), cfg.cpu_kernels,
+             str(bool(cfg.gradient_checkpointing)), str(probe_shape(cfg))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def probe_layer(cfg: Any, device: torch.device) -> Any:
+    """The model with one transformer layer, random weights, set up as the run trains it."""
+    from transformers import AutoModel
+
+    from embedrag import kernels
+    from embedrag.loading import model_config
+
+    config = model_config(cfg.model_name_or_path, attention=cfg.attention,
+                          attention_dropout=cfg.attention_dropout,
+                          trust_remote_code=cfg.trust_remote_code)
+    for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        c.num_hidden_layers = 1
+        if getattr(c, "layer_types", None):
+            c.layer_types = c.layer_types[:1]
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code).to(device)
+    if cfg.cpu_kernels == "auto":
+        kernels.install(model, device)
+    return model.train()
+
+
+def time_step(model: Any, dtype: torch.dtype, full: bool, rows: int, length: int,
+              device: torch.device) -> float:
+    """Seconds of one forward and backward pass of `model` under autocast to `dtype`."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (rows, length), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    mask = torch.ones_like(ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        embeds = model.get_input_embeddings()(ids)
+        if not full:  # frozen weights: the backward pass computes input gradients only
+            embeds = embeds.detach().requires_grad_()
+        out = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    out.float().square().mean().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(cfg: Any, device: torch.device) -> dict[str, float]:
+    """Fastest seconds per probe pass in fp32 and in bf16 (after a warm-up pass of each)."""
+    full = cfg.finetune_type == "full"
+    rows, length = probe_shape(cfg)
+    models = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = probe_layer(cfg, device)
+        if not full:  # the frozen base sits in the compute dtype, as load_backbone puts it
+            model.to(dtype).requires_grad_(False)
+        models[name] = (model, dtype)
+    best = {name: float("inf") for name in models}
+    for round_ in range(ROUNDS + 1):
+        for name, (model, dtype) in models.items():
+            seconds = time_step(model, dtype, full, rows, length, device)
+            model.zero_grad(set_to_none=True)
+            if round_:  # round 0 warms up (kernel selection, allocator)
+                best[name] = min(best[name], seconds)
+    return best
+
+
+def choose(cfg: Any, model_config: Any, device: torch.device) -> dict[str, Any]:
+    """Decide `auto` on this process: {"choice": "bf16"|"no", "reason": ..., ...}."""
+    if not native_bf16(device):
+        return {"choice": "no", "reason": f"no native bf16 on {hardware()}"}
+    path, key = cache_path(), cache_key(cfg, model_config, device)
+    try:
+        with open(path, encoding="utf-8") as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    found = known.get(key)
+    if found is None:
+        seconds = measure(cfg, device)
+        found = {"fp32_seconds": seconds["fp32"], "bf16_seconds": seconds["bf16"],
+                 "hardware": hardware(), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+        known[key] = found
+        try:  # a read-only home still trains; it only measures again next time
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(known, f, indent=1)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass
+        how = "measured now"
+    else:
+        how = f"measured {found['measured']}, cached in {path}"
+    fp32, bf16 = found["fp32_seconds"], found["bf16_seconds"]
+    choice = "bf16" if bf16 < fp32 else "no"
+    rows, length = probe_shape(cfg)
+    reason = (f"a {rows}x{length}-token forward+backward of one layer of this model took "
+              f"{bf16 * 1e3:.0f} ms in bf16 and {fp32 * 1e3:.0f} ms in fp32 on {found['hardware']}"
+              f" ({how})")
+    return {"choice": choice, "reason": reason, "fp32_seconds": fp32, "bf16_seconds": bf16}
+
+
+def resolve(cfg: Any, model_config: Any) -> dict[str, Any]:
+    """`auto` decided once, by the main process, and the same answer given to every process
+    (they must agree: each builds its Accelerator from it)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    decided = [choose(cfg, model_config, state.device) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(decided)
+    return decided[0]

@@ -1,0 +1,103 @@
+"""--mixed_precision auto: measured, cached per machine and shape, the same on every process."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from embedrag import precision
+from embedrag.config import TrainConfig
+from tests.test_trainer import run_train
+
+
+def _cfg(model, **overrides):
+    cfg = TrainConfig(model_name_or_path=model, train_dataset=["x.jsonl"], output_dir="out",
+                      batch_size=4, neg_nums=2, passage_max_len=64, finetune_type="full")
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDRAG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "native_bf16", lambda device=None: True)
+    return tmp_path / "cache" / "precision.json"
+
+
+def _timings(monkeypatch, fp32, bf16):
+    calls = []
+
+    def fake(cfg, device):
+        calls.append(cfg.passage_max_len)
+        return {"fp32": fp32, "bf16": bf16}
+
+    monkeypatch.setattr(precision, "measure", fake)
+    return calls
+
+
+def test_the_faster_precision_wins_and_is_cached_per_shape(tiny_encoder, cache, monkeypatch):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_encoder)
+    device = torch.device("cpu")
+    calls = _timings(monkeypatch, fp32=0.30, bf16=0.20)
+    first = precision.choose(_cfg(tiny_encoder), config, device)
+    assert first["choice"] == "bf16" and "measured now" in first["reason"]
+    assert json.loads(cache.read_text())  # written where EMBEDRAG_CACHE says
+    # The same machine and shape: answered from the cache, even if the machine now says other.
+    _timings(monkeypatch, fp32=0.10, bf16=0.20)
+    again = precision.choose(_cfg(tiny_encoder), config, device)
+    assert again["choice"] == "bf16" and "cached" in again["reason"]
+    # Another shape (longer passages) is measured afresh, and here fp32 is faster.
+    calls = _timings(monkeypatch, fp32=0.10, bf16=0.20)
+    other = precision.choose(_cfg(tiny_encoder, passage_max_len=128), config, device)
+    assert other["choice"] == "no" and calls == [128]
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_without_native_bf16_fp32_is_chosen_unmeasured(tiny_encoder, cache, monkeypatch):
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device=None: False)
+    calls = _timings(monkeypatch, fp32=1.0, bf16=0.1)
+    found = precision.choose(_cfg(tiny_encoder), AutoConfig.from_pretrained(tiny_encoder),
+                             torch.device("cpu"))
+    assert found["choice"] == "no" and calls == [] and not cache.exists()
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_the_probe_times_one_layer_of_the_model_as_it_trains(tiny_decoder, kind, monkeypatch):
+    built = []
+    real = precision.probe_layer
+
+    def spy(cfg, device):
+        built.append(real(cfg, device))
+        return built[-1]
+
+    monkeypatch.setattr(precision, "probe_layer", spy)
+    seconds = precision.measure(_cfg(tiny_decoder, finetune_type=kind), torch.device("cpu"))
+    assert set(seconds) == {"fp32", "bf16"}
+    assert all(0 < s < math.inf for s in seconds.values())
+    assert [m.config.num_hidden_layers for m in built] == [1, 1]
+    if kind == "lora":  # the frozen base in its compute dtype, as load_backbone holds it
+        assert {p.dtype for p in built[1].parameters()} == {torch.bfloat16}
+        assert not any(p.requires_grad for m in built for p in m.parameters())
+    else:
+        assert all(p.grad is None for m in built for p in m.parameters())  # zeroed after
+
+
+def test_a_run_says_and_records_what_auto_chose(tiny_decoder, learnable_data, tmp_path, cache,
+                                                monkeypatch, capsys):
+    _timings(monkeypatch, fp32=0.2, bf16=0.3)
+    code, summary, _ = run_train(tiny_decoder, learnable_data, tmp_path / "out",
+                                 "--finetune_type", "lora", "--max_steps", "1",
+                                 "--save_on_epoch_end", "0", "--mixed_precision", "auto")
+    assert code == 0
+    chosen = summary["embedding"]["precision_auto"]
+    assert chosen["choice"] == "no" and chosen["bf16_seconds"] == 0.3
+    assert summary["embedding"]["base_dtype"] == "float32"
+    assert "precision: fp32 (auto: " in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "final" / "training_config.json").read_text())
+    assert saved["mixed_precision"] == "no"
