@@ -21,7 +21,9 @@ def test_finetuning_lifts_ndcg_at_least_as_much_as_sentence_transformers(tmp_pat
     st_compare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(st_compare)
     args = st_compare.parse(["--workdir", str(tmp_path), "--limit_train", "320",
-                             "--max_len", "64"])
+                             "--max_len", "64", "--batch_size", "16", "--neg_nums", "1",
+                             "--train", f"{ROOT}/datasets/manpages_en_train.jsonl",
+                             "--eval", f"{ROOT}/datasets/manpages_en_eval.jsonl"])
     result = st_compare.compare(args)
     st_compare.print_table(result)
     base = result["base"]["ndcg@10"]
