@@ -61,6 +61,14 @@ class TrainConfig:
         "rows' passages when a row has fewer).", default=2)
     temperature: float = _flag("InfoNCE temperature; scores are cosine / temperature.",
                                default=0.02)
+    gte_negatives: int = _flag(
+        "1: GTE's improved contrastive loss: each query's denominator also holds the other "
+        "queries, and its positive against the other queries and passages (Li et al., 2023).",
+        default=0, choices=(0, 1))
+    false_negative_margin: float = _flag(
+        "When >= 0: a candidate whose cosine with the query is above the positive's minus this "
+        "margin is dropped as a probable unlabelled positive instead of pushed away "
+        "(NV-Retriever). -1: only exact-text false negatives are dropped.", default=-1.0)
     query_max_len: int | None = _flag(
         "Max tokens of a query, instruction and EOS included. Default: the model's "
         "max_seq_length (sentence-transformers config), else 256.", default=None)

@@ -96,24 +96,65 @@ def gather_ids(x: torch.Tensor) -> torch.Tensor:
 
 def embedding_loss(q: torch.Tensor, p: torch.Tensor, relevant: torch.Tensor,
                    passage_ids: torch.Tensor, temperature: float,
-                   cross_device: bool = True) -> torch.Tensor:
+                   cross_device: bool = True, gte: bool = False,
+                   margin: float | None = None) -> torch.Tensor:
     """InfoNCE of this process's queries against its passages, or against every process's
     passages when cross_device (and there are several processes).
+
+    gte: GTE's "improved contrastive loss" (Li et al., 2023, arXiv:2308.03281, eq. 2): beside
+    query i against every passage, its denominator also holds query i against the other
+    queries, and its positive d_i against the other queries (the passage->query direction) and
+    against the other passages. Same-text pairs are left out: the query itself, queries whose
+    positive is d_i, and the passages relevant to query i.
+    margin: a candidate whose cosine is above the positive's minus `margin` is dropped rather
+    than pushed away, as a probable unlabelled positive (NV-Retriever's positive-aware
+    filtering, Moreira et al., 2024, arXiv:2407.15831; ms-swift's fake-negative mask), beside
+    the exact-text mask.
 
     Scaling: each process returns the mean over its own queries. Gradients reach every
     process's passages through the gather, and data-parallel training averages gradients over
     the W processes, which makes them equal to those of the mean over all W*B queries on one
     process — the single-process large-batch gradient, with no extra factor.
     """
-    group = p.shape[0] // q.shape[0]
-    offset = 0
+    b, group = q.shape[0], p.shape[0] // q.shape[0]
+    offset = q_offset = 0
+    queries = q
     if cross_device and _distributed():
-        offset = dist.get_rank() * p.shape[0]
+        offset, q_offset = dist.get_rank() * p.shape[0], dist.get_rank() * b
         p = gather_with_grad(p)                                           # (W*B*G, D)
         passage_ids = gather_ids(passage_ids)                             # (W*B*G,)
-    targets = offset + torch.arange(q.shape[0], device=q.device) * group  # (B,)
-    mask = false_negative_mask(relevant, passage_ids, targets)
-    return info_nce(q, p, temperature, mask, targets)
+        if gte:
+            queries = gather_with_grad(q)                                 # (W*B, D)
+    targets = offset + torch.arange(b, device=q.device) * group          # (B,)
+    mask = false_negative_mask(relevant, passage_ids, targets)           # (B, P)
+    if not gte and margin is None:
+        return info_nce(q, p, temperature, mask, targets)
+    rows = torch.arange(b, device=q.device)
+    cosines, masks = [q.float() @ p.float().T], [mask]                    # (B, P)
+    if gte:
+        d = p[targets].float()                                            # (B, D) positives
+        own = torch.zeros((b, queries.shape[0]), dtype=torch.bool, device=q.device)
+        own[rows, q_offset + rows] = True                                  # (B, W*B)
+        # queries whose positive is d_i (duplicates, or d_i relevant to both)
+        shares = passage_ids[::group][None, :] == passage_ids[targets][:, None]
+        itself = torch.zeros_like(mask)
+        itself[rows, targets] = True
+        cosines += [q.float() @ queries.float().T, d @ queries.float().T, d @ p.float().T]
+        masks += [own | shares, own | shares, mask | itself]
+    if margin is not None:
+        positive = cosines[0][rows, targets].detach()[:, None]              # (B, 1)
+        masks = [m | (c.detach() > positive - margin) for c, m in zip(cosines, masks,
+                                                                       strict=True)]
+        masks[0][rows, targets] = False
+    scores = torch.cat([c.masked_fill(m, float("-inf"))
+                        for c, m in zip(cosines, masks, strict=True)], dim=1) / temperature
+    return F.cross_entropy(scores, targets)
+
+
+def loss_options(cfg: Any) -> dict[str, Any]:
+    """embedding_loss's keyword arguments from the run's flags."""
+    return {"cross_device": bool(cfg.cross_device_negatives), "gte": bool(cfg.gte_negatives),
+            "margin": cfg.false_negative_margin if cfg.false_negative_margin >= 0 else None}
 
 
 def kd_loss(q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -158,7 +199,7 @@ def objective(q: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor], 
         if dim < q.shape[-1]:                       # a prefix, re-normalised
             qd, pd = F.normalize(q[:, :dim], dim=-1), F.normalize(p[:, :dim], dim=-1)
         nce = embedding_loss(qd, pd, batch["relevant_ids"], batch["passage_ids"],
-                             cfg.temperature, bool(cfg.cross_device_negatives))
+                             cfg.temperature, **loss_options(cfg))
         total = total + weight * nce
         parts["infonce"] += weight * nce.detach()
         if teacher is not None:
@@ -255,7 +296,7 @@ def forward_backward(accelerator: Any, model: Any, batch: dict[str, torch.Tensor
         p = p[batch["passage_index"]]  # distinct passages -> (B*G, D) slots
         if not (cfg.kd_weight or cfg.matryoshka_dims):  # plain InfoNCE
             return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
-                                  cfg.temperature, bool(cfg.cross_device_negatives))
+                                  cfg.temperature, **loss_options(cfg))
         loss, found = objective(q, p, batch, cfg)
         parts.update(found)
         return loss

@@ -173,6 +173,24 @@ def test_grad_cache_on_two_processes_with_uneven_chunks_equals_plain_backprop(
     assert _logged(tmp_path / "alone")[0]["loss"] < logged["plain"][0]["loss"] - 0.1
 
 
+def test_gte_and_margin_on_two_processes_equal_one_process_with_the_double_batch(
+        tiny_decoder, learnable_data, tmp_path):
+    """GTE's query-query and passage->query terms gather every process's queries with their
+    gradients; two processes x 4 must train as one process x 8."""
+    common = ["--finetune_type", "lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout",
+              "0", "--lr", "1e-2", "--neg_nums", "1", "--temperature", "0.05", "--epochs", "1",
+              "--gte_negatives", "1", "--false_negative_margin", "0.2"]
+    _run([*TORCHRUN, "train.py", *_flags(tiny_decoder, learnable_data, tmp_path / "two", 4,
+                                         *common)])
+    _run([sys.executable, "train.py", *_flags(tiny_decoder, learnable_data, tmp_path / "one", 8,
+                                              *common, "--num_processes", "1")])
+    two, one = _logged(tmp_path / "two"), _logged(tmp_path / "one")
+    assert len(two) == len(one) == 3
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    assert_same_weights(_weights(tmp_path / "two" / "final"), _weights(tmp_path / "one" / "final"),
+                        atol=1e-4)
+
+
 def test_grad_cache_with_dropout_on_two_processes_equals_plain_backprop(tiny_decoder,
                                                                          tmp_path):
     """Dropout on, three optimizer steps through DDP: GradCache's gradients equal those of

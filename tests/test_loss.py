@@ -130,7 +130,7 @@ def test_objective_sums_weighted_matryoshka_prefixes_and_distillation():
     spec = "8:1,4:0.5,2:0.25"
     cfg = SimpleNamespace(matryoshka=lambda: parse_dims(spec), matryoshka_dims=spec,
                           kd_weight=0.3, kd_temperature=0.7, temperature=0.05,
-                          cross_device_negatives=1)
+                          cross_device_negatives=1, gte_negatives=0, false_negative_margin=-1.0)
     loss, parts = objective(q, p, batch, cfg)
     nce = kd = 0.0
     for dim, w in ((8, 1.0), (4, 0.5), (2, 0.25)):
@@ -140,3 +140,86 @@ def test_objective_sums_weighted_matryoshka_prefixes_and_distillation():
     assert abs(parts["infonce"].item() - nce) < 1e-4
     assert abs(parts["kd"].item() - kd) < 1e-4
     assert abs(loss.item() - (nce + 0.3 * kd)) < 1e-4
+
+
+def reference_gte(q, p, ids, relevant, temperature, gte, margin):
+    """GTE's improved contrastive loss and the score margin, by definition, in float64 loops:
+    each query's candidate list is written out term by term."""
+    q, p = q.double().tolist(), p.double().tolist()
+    group = len(p) // len(q)
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
+    total = 0.0
+    for i, qi in enumerate(q):
+        t = i * group
+        d = p[t]
+        pos = dot(qi, d)
+        def keep(c, pos=pos):
+            return margin is None or c <= pos - margin
+
+        negatives = [dot(qi, p[k]) for k in range(len(p))
+                     if k != t and ids[k] not in relevant[i] and keep(dot(qi, p[k]))]
+        if gte:
+            others = [j for j in range(len(q)) if j != i and ids[j * group] != ids[t]]
+            negatives += [dot(qi, q[j]) for j in others if keep(dot(qi, q[j]))]
+            negatives += [dot(d, q[j]) for j in others if keep(dot(d, q[j]))]
+            negatives += [dot(d, p[k]) for k in range(len(p))
+                          if k != t and ids[k] not in relevant[i] and keep(dot(d, p[k]))]
+        denom = math.exp(pos / temperature) + sum(math.exp(s / temperature) for s in negatives)
+        total += -(pos / temperature - math.log(denom))
+    return total / len(q)
+
+
+def _gte_batch():
+    """4 queries x (positive + 2 negatives); query 3 repeats query 1's positive (same id),
+    query 0 has a second relevant passage among query 2's negatives."""
+    q, p = _batch(b=4, g=3, d=8, seed=4)
+    ids = list(range(12))
+    p[9], ids[9] = p[3], 3                      # query 3's positive is query 1's
+    relevant = [{0, 8}, {3}, {6}, {3}]
+    width = max(len(r) for r in relevant)
+    rel = torch.full((4, width), -1)
+    for i, r in enumerate(relevant):
+        rel[i, : len(r)] = torch.tensor(sorted(r))
+    return q, p, torch.tensor(ids), rel, relevant
+
+
+def test_gte_and_margin_match_the_float64_definition():
+    from embedrag.loss import embedding_loss
+
+    q, p, ids, rel, relevant = _gte_batch()
+    for gte in (False, True):
+        for margin in (None, 0.1, 0.5):
+            got = embedding_loss(q, p, rel, ids, 0.05, gte=gte, margin=margin).item()
+            want = reference_gte(q, p, ids.tolist(), relevant, 0.05, gte, margin)
+            assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (gte, margin, got, want)
+    plain = embedding_loss(q, p, rel, ids, 0.05).item()
+    assert plain == embedding_loss(q, p, rel, ids, 0.05, gte=False, margin=None).item()
+    assert embedding_loss(q, p, rel, ids, 0.05, gte=True).item() > plain  # more negatives
+    # a margin drops candidates: the loss can only fall
+    assert embedding_loss(q, p, rel, ids, 0.05, margin=0.1).item() <= plain
+
+
+def test_gte_gradient_matches_float64_autograd():
+    from embedrag.loss import embedding_loss
+
+    q, p, ids, rel, relevant = _gte_batch()
+    q32, p32 = q.clone().requires_grad_(), p.clone().requires_grad_()
+    embedding_loss(q32, p32, rel, ids, 0.05, gte=True, margin=0.3).backward()
+    # second implementation: the same candidate lists as the reference, as float64 tensors
+    q64, p64 = q.double().requires_grad_(), p.double().requires_grad_()
+    idl, total = ids.tolist(), 0
+    for i in range(4):
+        t = 3 * i
+        pos = q64[i] @ p64[t]
+        def keep(c, pos=pos):
+            return c.item() <= pos.item() - 0.3
+
+        cands = [q64[i] @ p64[k] for k in range(12) if k != t and idl[k] not in relevant[i]]
+        others = [j for j in range(4) if j != i and idl[3 * j] != idl[t]]
+        cands += [q64[i] @ q64[j] for j in others] + [p64[t] @ q64[j] for j in others]
+        cands += [p64[t] @ p64[k] for k in range(12) if k != t and idl[k] not in relevant[i]]
+        logits = torch.stack([pos] + [c for c in cands if keep(c)]) / 0.05
+        total = total - torch.log_softmax(logits, 0)[0]
+    (total / 4).backward()
+    assert torch.allclose(q32.grad.double(), q64.grad, atol=1e-4)
+    assert torch.allclose(p32.grad.double(), p64.grad, atol=1e-4)
