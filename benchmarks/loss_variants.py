@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Which loss trains the better model? Every variant, both man-page sets, several seeds.
+
+    python benchmarks/loss_variants.py [--models minilm gemma] [--sets en zh] [--seeds 1 2 3]
+                                       [--variants ...] [--workdir DIR]
+
+Each variant trains the same model on the same rows with the same settings and seed; held-out
+nDCG@10 is printed as mean ± standard deviation over the seeds, beside sentence-transformers'
+MultipleNegativesRankingLoss with the same rows, batch, negatives, lengths, learning rate,
+warm-up, steps and scale (1 / temperature), trained by benchmarks/st_compare.py's worker.
+
+- minilm: all-MiniLM-L6-v2, full fine-tuning, mean pooling, lr 2e-5;
+- gemma:  Gemma-3-270M, LoRA (r 8, alpha 32, dropout 0.1), last-token pooling, lr 2e-4.
+Both: one epoch, batch 8, 2 hard negatives, queries 64 / passages 128 tokens, fp32.
+
+Variants (flags added to train.py): infonce (today's loss), gte (--gte_negatives 1),
+margin (--false_negative_margin 0.1), gte+margin, and temperature 0.05 instead of 0.02.
+Results are cached per run in the workdir, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import gemma, minilm, score, train  # noqa: E402
+
+DATA = os.path.join(ROOT, "datasets")
+SETS = {name: (os.path.join(DATA, f"manpages_{stem}_train.jsonl"),
+               os.path.join(DATA, f"manpages_{stem}_eval.jsonl"))
+        for name, stem in (("en", "en"), ("zh", "zh_tw"))}
+MODELS = {"minilm": {"finetune_type": "full", "pooling": "mean", "lr": "2e-5",
+                     "append_eos": False},
+          "gemma": {"finetune_type": "lora", "pooling": "last", "lr": "2e-4", "append_eos": True}}
+VARIANTS = {"infonce": [], "gte": ["--gte_negatives", "1"],
+            "margin": ["--false_negative_margin", "0.1"],
+            "gte+margin": ["--gte_negatives", "1", "--false_negative_margin", "0.1"],
+            "temperature 0.05": ["--temperature", "0.05"]}
+TEMPERATURE, BATCH, NEGS, QLEN, PLEN = 0.02, 8, 2, 64, 128
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["minilm", "gemma"])
+    p.add_argument("--sets", nargs="+", choices=sorted(SETS), default=["en", "zh"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--variants", nargs="+", choices=[*VARIANTS, "sentence-transformers"],
+                   default=[*VARIANTS, "sentence-transformers"])
+    p.add_argument("--workdir", default=None)
+    return p.parse_args(argv)
+
+
+def model_path(name: str) -> str:
+    return minilm() if name == "minilm" else gemma()
+
+
+def ours(model: str, data: str, variant: str, seed: int, out: str) -> str:
+    spec = MODELS[model]
+    if not os.path.isfile(os.path.join(out, "training_summary_report.json")):
+        train(["--model_name_or_path", model_path(model), "--train_dataset", SETS[data][0],
+               "--finetune_type", spec["finetune_type"], "--pooling", spec["pooling"],
+               "--lr", spec["lr"], "--epochs", "1", "--batch_size", str(BATCH),
+               "--neg_nums", str(NEGS), "--temperature", str(TEMPERATURE),
+               "--query_max_len", str(QLEN), "--passage_max_len", str(PLEN),
+               "--warmup_proportion", "0.1", "--seed", str(seed), "--mixed_precision", "no",
+               "--save_on_epoch_end", "0", "--logging_steps", "10", "--overwrite_output_dir",
+               *VARIANTS[variant]], out)
+    return os.path.join(out, "final")
+
+
+def theirs(model: str, data: str, seed: int, out: str) -> str:
+    from benchmarks import st_compare
+
+    spec = MODELS[model]
+    args = st_compare.parse(["--job", model, "--model", model_path(model), "--train",
+                             SETS[data][0], "--batch_size", str(BATCH), "--neg_nums", str(NEGS),
+                             "--query_max_len", str(QLEN), "--passage_max_len", str(PLEN),
+                             "--lr", spec["lr"], "--temperature", str(TEMPERATURE),
+                             "--seed", str(seed), "--limit_train", "0"])
+    if not os.path.isfile(os.path.join(out, "st_stats.json")):
+        st_compare.run_sentence_transformers(args, out, "fp32")
+    return os.path.join(out, "final")
+
+
+def main() -> None:
+    from embedrag.data import read_jsonl
+
+    args = parse()
+    work = args.workdir or tempfile.mkdtemp(prefix="loss_variants_")
+    os.makedirs(work, exist_ok=True)
+    results_path = os.path.join(work, "results.json")
+    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    for model in args.models:
+        spec = MODELS[model]
+        for data in args.sets:
+            rows = read_jsonl(SETS[data][1])
+            for variant in args.variants:
+                for seed in args.seeds:
+                    key = f"{model}/{data}/{variant}/{seed}"
+                    if key in results:
+                        continue
+                    out = os.path.join(work, key.replace("/", "_").replace(" ", "_"))
+                    folder = (theirs(model, data, seed, out) if variant == "sentence-transformers"
+                              else ours(model, data, variant, seed, out))
+                    found = score(folder, rows, spec["pooling"], PLEN, spec["append_eos"])
+                    results[key] = found["ndcg@10"]
+                    print(f"{key}: nDCG@10 {results[key]:.4f}", flush=True)
+                    with open(results_path, "w") as f:
+                        json.dump(results, f, indent=1)
+    print(f"\n{'held-out nDCG@10, mean ± std over seeds ' + str(args.seeds):<60}")
+    for model in args.models:
+        for data in args.sets:
+            print(f"{model} / {data}")
+            for variant in args.variants:
+                values = [results[f"{model}/{data}/{variant}/{s}"] for s in args.seeds]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                print(f"  {variant:<24}{statistics.mean(values):.4f} ± {spread:.4f}  "
+                      f"({', '.join(f'{v:.4f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
