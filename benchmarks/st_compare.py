@@ -14,14 +14,14 @@ of steps, in separate processes (so time and peak memory are each tool's own):
 
 Default job: the first 96 Traditional Chinese man-page rows, batch 8, 2 hard negatives,
 queries 64 / passages 256 tokens (ST has one max_seq_length: 256; the queries are shorter),
-one epoch = 12 steps. For each precision the runs alternate (ours, ST, ours, ST, ...) so
-drifting machine speed hits both alike; the table shows medians of the whole process's wall
-time (start, load, train, save) and of the training loop's, and every run's seconds. `auto` is
-EmbedRAG's --mixed_precision auto (its probe cached by a first, untimed run); ST has no such
-mode, so its row is the faster of ST's fp32 and bf16. The models of the first repeat are scored
-by the same evaluation code on the held-out split. Padding share and tokens/s count what each
-tool's transformer computed (a hook on ST's model counts its batches). The machine's CPU model
-and flags (or GPUs) are printed with the figures.
+one epoch = 12 steps. Runs alternate (ours, ST) and each round runs every precision, so
+drifting machine speed hits both tools and all precisions alike; the table shows medians of the
+whole process's wall time (start, load, train, save) and of the training loop's, and every
+run's seconds. `auto` is EmbedRAG's --mixed_precision auto (its probe cached by a first,
+untimed run); ST has no such mode, so its row is the faster of ST's fp32 and bf16. The models
+of the first repeat are scored by the same evaluation code on the held-out split. Padding share
+and tokens/s count what each tool's transformer computed (a hook on ST's model counts its
+batches). The machine's CPU model and flags (or GPUs) are printed with the figures.
 """
 
 from __future__ import annotations
@@ -248,19 +248,20 @@ def compare(args: argparse.Namespace) -> dict:
             f.writelines(lines)
     samples = len(lines) * args.epochs
     result: dict = {"machine": machine(), "base": score(args.model, args), "precisions": {}}
-    for precision in args.precisions:
-        if precision == "auto":  # the probe is measured once per machine and shape: not timed
-            run_embedrag(args, os.path.join(work, "embedrag_auto_probe"), "auto")
-        runs: dict[str, list[dict]] = {"embedrag": [], "sentence_transformers": []}
-        for i in range(args.repeats):
-            runs["embedrag"].append(
+    if "auto" in args.precisions:  # the probe is measured once per machine and shape: untimed
+        run_embedrag(args, os.path.join(work, "embedrag_auto_probe"), "auto")
+    runs = {p: {"embedrag": [], "sentence_transformers": []} for p in args.precisions}
+    for i in range(args.repeats):  # every precision in each round: drift hits them all alike
+        for precision in args.precisions:
+            runs[precision]["embedrag"].append(
                 run_embedrag(args, os.path.join(work, f"embedrag_{precision}_{i}"), precision))
             if precision != "auto":
-                runs["sentence_transformers"].append(run_sentence_transformers(
+                runs[precision]["sentence_transformers"].append(run_sentence_transformers(
                     args, os.path.join(work, f"st_{precision}_{i}"), precision))
-        rows = {name: {**summarise(rs, samples), **score(rs[0]["model_dir"], args)}
-                for name, rs in runs.items() if rs}
-        result["precisions"][precision] = rows
+    for precision in args.precisions:
+        result["precisions"][precision] = {
+            name: {**summarise(rs, samples), **score(rs[0]["model_dir"], args)}
+            for name, rs in runs[precision].items() if rs}
     done = result["precisions"]
     if "auto" in done:  # ST has no auto: its faster measured precision stands in for it
         st = [done[p]["sentence_transformers"] for p in ("fp32", "bf16") if p in done]
