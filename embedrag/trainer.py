@@ -35,6 +35,7 @@ from embedrag.launch import make_accelerator
 from embedrag.loading import (
     autocast_dtype,
     load_backbone,
+    lora_input_casts,
     max_model_length,
     routes_experts,
     shipped_code_errors,
@@ -146,6 +147,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
 
     # --- model, optimizer, schedule ---
     backbone, info = load_backbone(cfg, accelerator.device)
+    lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # autocast casts them
     head = load_head(cfg.model_name_or_path, recipe.dense)  # the model's Dense layers, if any
     if head is not None:
         head.to(accelerator.device).requires_grad_(cfg.finetune_type == "full")
@@ -379,6 +381,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
 
     save_model(accelerator, model, tokenizer, train_config, os.path.join(cfg.output_dir, "final"))
     trained = accelerator.unwrap_model(model).backbone
+    lora_input_casts(trained, enabled=True)  # for use outside autocast
     seconds = state.elapsed_s + time.perf_counter() - start
     summary = {
         "config": cfg.to_dict(),

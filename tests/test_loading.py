@@ -123,3 +123,27 @@ def test_bidirectional_training_is_reproduced_by_every_loader(tiny_decoder, lear
     # and the causal base embeds differently: the attention really is part of the model
     causal = EmbeddingModel(AutoModel.from_pretrained(tiny_decoder), "last").eval()
     assert (causal.encode(tok, PROBES, **kw) - want).abs().max() > 1e-3
+
+
+def test_lora_input_casts_off_in_training_and_back_on_for_the_model_handed_out(
+        tiny_decoder, learnable_data, tmp_path, monkeypatch):
+    """Under bf16 autocast PEFT's input casts are switched off for the run (they only copy);
+    the model train() returns embeds outside autocast, which needs them back."""
+    from embedrag import loading
+
+    seen = []
+    real = loading.lora_input_casts
+
+    def spy(model, enabled):
+        seen.append(enabled)
+        real(model, enabled)
+
+    monkeypatch.setattr("embedrag.trainer.lora_input_casts", spy)
+    _, summary, model = run_train(tiny_decoder, learnable_data, tmp_path / "o", "--finetune_type",
+                                  "lora", "--max_steps", "2", "--save_on_epoch_end", "0",
+                                  "--mixed_precision", "bf16")
+    assert seen == [False, True]
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.isfinite(model(ids, torch.ones_like(ids))).all()  # no autocast here
