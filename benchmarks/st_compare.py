@@ -86,16 +86,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def machine() -> str:
     """The hardware the figures come from: GPUs, or the CPU model and its vector/matrix flags."""
-    from embedrag.perf import hardware
+    from embedrag.perf import cpu_flags, hardware
 
-    name = hardware()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    shown = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
-    return f"{name}; flags: {' '.join(shown) or 'unknown'}"
+    shown = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "fma")))
+    return f"{hardware()}; flags: {' '.join(shown) or 'unknown'}"
 
 
 def run_embedrag(args: argparse.Namespace, out: str, precision: str) -> dict:

@@ -33,16 +33,21 @@ def hardware() -> str:
     return f"CPU: {name}, {os.cpu_count()} cores visible"
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return []
+    return line.partition(":")[2].split()
+
+
 def native_bf16(device: torch.device | None = None) -> bool:
     """Does this hardware run bf16 matmuls natively (CUDA Ampere+, or AVX-512 BF16/AMX CPUs)?"""
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
         return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,

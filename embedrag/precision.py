@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from embedrag.perf import hardware, native_bf16
+from embedrag.perf import cpu_flags, hardware, native_bf16
 
 PROBE_TOKENS = 2048  # positions per probe pass: long enough to time, short enough to not wait
 ROUNDS = 3           # timed passes per precision, alternating; the fastest of each counts
@@ -47,13 +47,7 @@ def cache_key(cfg: Any, model_config: Any, device: torch.device) -> str:
     layer's shape and attention, how it trains, the probe's shape."""
     import transformers
 
-    flags = ""
-    if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                flags = next((line for line in f if line.startswith("flags")), "")
-        except OSError:
-            pass
+    flags = " ".join(cpu_flags()) if device.type == "cpu" else ""
     text = model_config.get_text_config()
     shape = {k: getattr(text, k, None) for k in (
         "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
