@@ -313,7 +313,8 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             n = batch["query_input_ids"].shape[0] * world
             state.micro, state.samples, state.window_samples = (
                 micro + 1, state.samples + n, state.window_samples + n)
-            # Counted on the device; read back only when logging (no per-step host sync).
+            # Tokens are counted on the device and read back only when logging; the positions
+            # computed come from the length buckets, planned on the host from the masks.
             sums.tokens += batch["query_attention_mask"].sum()
             sums.tokens += batch["passage_attention_mask"].sum()
             state.slots += world * (computed_positions(batch["query_attention_mask"])
