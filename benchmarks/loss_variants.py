@@ -15,7 +15,8 @@ Both: one epoch, batch 8, 2 hard negatives, queries 64 / passages 128 tokens, fp
 
 Variants (flags added to train.py): infonce (today's loss), gte (--gte_negatives 1),
 margin (--false_negative_margin 0.1), gte+margin, and temperature 0.05 instead of 0.02.
-Results are cached per run in the workdir, so an interrupted benchmark resumes.
+Results are cached per run in the workdir, so an interrupted benchmark resumes and several
+invocations (say one per core, each with its own --sets) can share one workdir.
 """
 
 from __future__ import annotations
@@ -94,8 +95,7 @@ def main() -> None:
     args = parse()
     work = args.workdir or tempfile.mkdtemp(prefix="loss_variants_")
     os.makedirs(work, exist_ok=True)
-    results_path = os.path.join(work, "results.json")
-    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    results = {}
     for model in args.models:
         spec = MODELS[model]
         for data in args.sets:
@@ -103,16 +103,20 @@ def main() -> None:
             for variant in args.variants:
                 for seed in args.seeds:
                     key = f"{model}/{data}/{variant}/{seed}"
-                    if key in results:
-                        continue
                     out = os.path.join(work, key.replace("/", "_").replace(" ", "_"))
-                    folder = (theirs(model, data, seed, out) if variant == "sentence-transformers"
-                              else ours(model, data, variant, seed, out))
-                    found = score(folder, rows, spec["pooling"], PLEN, spec["append_eos"])
-                    results[key] = found["ndcg@10"]
+                    # One result file per run, so several invocations (other --sets or --seeds,
+                    # one per core) can share a workdir and an interrupted one resumes.
+                    done = os.path.join(out, "heldout_ndcg.json")
+                    if not os.path.isfile(done):
+                        folder = (theirs(model, data, seed, out)
+                                  if variant == "sentence-transformers"
+                                  else ours(model, data, variant, seed, out))
+                        found = score(folder, rows, spec["pooling"], PLEN, spec["append_eos"])
+                        with open(done, "w") as f:
+                            json.dump(found, f)
+                    with open(done) as f:
+                        results[key] = json.load(f)["ndcg@10"]
                     print(f"{key}: nDCG@10 {results[key]:.4f}", flush=True)
-                    with open(results_path, "w") as f:
-                        json.dump(results, f, indent=1)
     print(f"\n{'held-out nDCG@10, mean ± std over seeds ' + str(args.seeds):<60}")
     for model in args.models:
         for data in args.sets:
