@@ -27,6 +27,8 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -89,6 +91,28 @@ def theirs(model: str, data: str, seed: int, out: str) -> str:
     return os.path.join(out, "final")
 
 
+def cached(folder: str, measure: Callable[..., dict[str, float]], *args: Any) -> float:
+    """nDCG@10 from folder/heldout_ndcg.json, measured (measure(*args)) and written there the
+    first time."""
+    done = os.path.join(folder, "heldout_ndcg.json")
+    if not os.path.isfile(done):
+        found = measure(*args)
+        os.makedirs(folder, exist_ok=True)
+        with open(done, "w") as f:
+            json.dump(found, f)
+    with open(done) as f:
+        return json.load(f)["ndcg@10"]
+
+
+def trained(model: str, data: str, variant: str, seed: int, out: str,
+            rows: list) -> dict[str, float]:
+    """Train one variant (or sentence-transformers) and score it on the held-out rows."""
+    spec = MODELS[model]
+    folder = (theirs(model, data, seed, out) if variant == "sentence-transformers"
+              else ours(model, data, variant, seed, out))
+    return score(folder, rows, spec["pooling"], PLEN, spec["append_eos"])
+
+
 def main() -> None:
     from embedrag.data import read_jsonl
 
@@ -100,33 +124,42 @@ def main() -> None:
         spec = MODELS[model]
         for data in args.sets:
             rows = read_jsonl(SETS[data][1])
+            results[f"{model}/{data}/base"] = cached(
+                os.path.join(work, f"{model}_{data}_base"), score, model_path(model), rows,
+                spec["pooling"], PLEN, spec["append_eos"])
             for variant in args.variants:
                 for seed in args.seeds:
                     key = f"{model}/{data}/{variant}/{seed}"
                     out = os.path.join(work, key.replace("/", "_").replace(" ", "_"))
                     # One result file per run, so several invocations (other --sets or --seeds,
                     # one per core) can share a workdir and an interrupted one resumes.
-                    done = os.path.join(out, "heldout_ndcg.json")
-                    if not os.path.isfile(done):
-                        folder = (theirs(model, data, seed, out)
-                                  if variant == "sentence-transformers"
-                                  else ours(model, data, variant, seed, out))
-                        found = score(folder, rows, spec["pooling"], PLEN, spec["append_eos"])
-                        with open(done, "w") as f:
-                            json.dump(found, f)
-                    with open(done) as f:
-                        results[key] = json.load(f)["ndcg@10"]
+                    results[key] = cached(out, trained, model, data, variant, seed, out, rows)
                     print(f"{key}: nDCG@10 {results[key]:.4f}", flush=True)
-    print(f"\n{'held-out nDCG@10, mean ± std over seeds ' + str(args.seeds):<60}")
+    report(results, args)
+
+
+def report(results: dict[str, float], args: argparse.Namespace) -> None:
+    """Mean ± sample standard deviation per variant, and each variant's lead over
+    sentence-transformers, called a win only when it exceeds both spreads."""
+    print(f"\nheld-out nDCG@10, mean ± std over seeds {args.seeds}")
     for model in args.models:
         for data in args.sets:
-            print(f"{model} / {data}")
+            print(f"{model} / {data}  (base model {results[f'{model}/{data}/base']:.4f})")
+            stats = {}
             for variant in args.variants:
                 values = [results[f"{model}/{data}/{variant}/{s}"] for s in args.seeds]
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                print(f"  {variant:<24}{statistics.mean(values):.4f} ± {spread:.4f}  "
+                stats[variant] = (statistics.mean(values), spread)
+                print(f"  {variant:<24}{stats[variant][0]:.4f} ± {spread:.4f}  "
                       f"({', '.join(f'{v:.4f}' for v in values)})")
-
+            if "sentence-transformers" not in stats:
+                continue
+            theirs_mean, theirs_spread = stats.pop("sentence-transformers")
+            for variant, (mean, spread) in stats.items():
+                lead = mean - theirs_mean
+                verdict = ("ahead" if lead > max(spread, theirs_spread) else
+                           "behind" if -lead > max(spread, theirs_spread) else "within spread")
+                print(f"  {variant:<24}vs sentence-transformers {lead:+.4f} ({verdict})")
 
 if __name__ == "__main__":
     main()
