@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -132,6 +133,18 @@ def run_sentence_transformers(args: argparse.Namespace, out: str, precision: str
         return {**json.load(f), "wall_seconds": wall}
 
 
+def tokenizer_appends_eos(tok: Any, on: bool) -> bool:
+    """Switch a tokenizer's own EOS (after truncation) on or off, BOS kept as it was; whether
+    it now does as asked. (Setting either flag rebuilds the template from both.)"""
+    if not hasattr(tok, "add_eos_token"):
+        return False
+    ids = tok("a")["input_ids"]
+    bos = tok.bos_token_id is not None and ids[0] == tok.bos_token_id
+    tok.add_bos_token, tok.add_eos_token = bos, on
+    ids = tok("a")["input_ids"]
+    return (ids[-1] == tok.eos_token_id) == on and (ids[0] == tok.bos_token_id) == bos
+
+
 def st_worker(args: argparse.Namespace) -> None:
     """MNRL with (anchor, positive, negative_1, ...) rows: the candidates our loss sees."""
     import resource
@@ -165,18 +178,11 @@ def st_worker(args: argparse.Namespace) -> None:
         word.model = get_peft_model(word.model, LoraConfig(
             r=8, lora_alpha=32, lora_dropout=0.1, target_modules=targets,
             exclude_modules=excluded or None))
+    # The EOS goes after truncation, by the tokenizer, so long texts keep it as EmbedRAG's do
+    # (appended to the text, truncation would cut it off); the text only if it cannot.
     eos = ""
-    if job["append_eos"]:
+    if job["append_eos"] and not tokenizer_appends_eos(word.tokenizer, True):
         eos = word.tokenizer.eos_token
-        if hasattr(word.tokenizer, "add_eos_token"):
-            # The tokenizer appends the EOS after truncation, so long texts keep it (as
-            # EmbedRAG does); appending it to the text would let truncation cut it off.
-            tok = word.tokenizer
-            bos = tok.bos_token_id is not None and tok("a")["input_ids"][0] == tok.bos_token_id
-            tok.add_bos_token, tok.add_eos_token = bos, True  # the flags rebuild the template
-            ids = tok("a")["input_ids"]
-            if ids[-1] == tok.eos_token_id and (ids[0] == tok.bos_token_id) == bos:
-                eos = ""
     rng = random.Random(args.seed)
     rows = read_jsonl(args.train)
     columns = {"anchor": [r.query + eos for r in rows],
@@ -210,6 +216,8 @@ def st_worker(args: argparse.Namespace) -> None:
         backbone = backbone.merge_and_unload()
     final = os.path.join(out, "final")
     backbone.to(torch.float32).save_pretrained(final)
+    if job["append_eos"]:  # saved as the base's: scoring appends the one EOS, as for ours
+        tokenizer_appends_eos(word.tokenizer, False)
     word.tokenizer.save_pretrained(final)
     stats = {"train_seconds": seconds, "peak_rss_mib": peak, "tokens": counts["tokens"],
              "padding_share": 1 - counts["tokens"] / counts["slots"], "model_dir": final}
