@@ -17,6 +17,8 @@ Both: one epoch, batch 8, 2 hard negatives, queries 64 / passages 128 tokens.
 
 Variants (flags added to train.py): infonce (today's loss), gte (--gte_negatives 1),
 margin (--false_negative_margin 0.1), gte+margin, and temperature 0.05 instead of 0.02.
+Ablations, run only when named in --variants: "cpu_kernels off" (torch's dropout and attention
+instead of embedrag/kernels.py's).
 Results are cached per run in the workdir, so an interrupted benchmark resumes and several
 invocations (say one per core, each with its own --sets) can share one workdir.
 """
@@ -48,6 +50,8 @@ VARIANTS = {"infonce": [], "gte": ["--gte_negatives", "1"],
             "margin": ["--false_negative_margin", "0.1"],
             "gte+margin": ["--gte_negatives", "1", "--false_negative_margin", "0.1"],
             "temperature 0.05": ["--temperature", "0.05"]}
+# Not loss variants, run only when named: does a speed feature cost quality?
+ABLATIONS = {"cpu_kernels off": ["--cpu_kernels", "off"]}
 TEMPERATURE, BATCH, NEGS, QLEN, PLEN = 0.02, 8, 2, 64, 128
 
 
@@ -56,7 +60,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["minilm", "gemma"])
     p.add_argument("--sets", nargs="+", choices=sorted(SETS), default=["en", "zh"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--variants", nargs="+", choices=[*VARIANTS, "sentence-transformers"],
+    p.add_argument("--variants", nargs="+",
+                   choices=[*VARIANTS, "sentence-transformers", *ABLATIONS],
                    default=[*VARIANTS, "sentence-transformers"])
     p.add_argument("--workdir", default=None)
     return p.parse_args(argv)
@@ -77,7 +82,7 @@ def ours(model: str, data: str, variant: str, seed: int, out: str) -> str:
                "--warmup_proportion", "0.1", "--seed", str(seed),
                "--mixed_precision", "bf16" if spec["precision"] == "bf16" else "no",
                "--save_on_epoch_end", "0", "--logging_steps", "10", "--overwrite_output_dir",
-               *VARIANTS[variant]], out)
+               *{**VARIANTS, **ABLATIONS}[variant]], out)
     return os.path.join(out, "final")
 
 
