@@ -100,17 +100,24 @@ def theirs(model: str, data: str, seed: int, out: str) -> str:
     return os.path.join(out, "final")
 
 
-def cached(folder: str, measure: Callable[..., dict[str, float]], *args: Any) -> float:
+def cached(folder: str, setup: dict[str, Any], measure: Callable[..., dict[str, float]],
+           *args: Any) -> float:
     """nDCG@10 from folder/heldout_ndcg.json, measured (measure(*args)) and written there the
-    first time."""
+    first time, with the `setup` it was measured under. A result measured under another setup
+    (an older version of this benchmark) is refused rather than reported as this one."""
     done = os.path.join(folder, "heldout_ndcg.json")
     if not os.path.isfile(done):
-        found = measure(*args)
+        found = {**measure(*args), "setup": setup}
         os.makedirs(folder, exist_ok=True)
-        with open(done, "w") as f:
+        with open(done + f".{os.getpid()}", "w") as f:  # whole or absent for a parallel reader
             json.dump(found, f)
+        os.replace(done + f".{os.getpid()}", done)
     with open(done) as f:
-        return json.load(f)["ndcg@10"]
+        found = json.load(f)
+    if found.get("setup", setup) != setup:
+        raise SystemExit(f"{done}: measured under {found['setup']}, not {setup}; "
+                         "delete that folder to run it again")
+    return found["ndcg@10"]
 
 
 def trained(model: str, data: str, variant: str, seed: int, out: str,
@@ -134,15 +141,19 @@ def main() -> None:
         for data in args.sets:
             rows = read_jsonl(SETS[data][1])
             results[f"{model}/{data}/base"] = cached(
-                os.path.join(work, f"{model}_{data}_base"), score, model_path(model), rows,
-                spec["pooling"], PLEN, spec["append_eos"])
+                os.path.join(work, f"{model}_{data}_base"), {"len": PLEN, **spec}, score,
+                model_path(model), rows, spec["pooling"], PLEN, spec["append_eos"])
             for variant in args.variants:
                 for seed in args.seeds:
                     key = f"{model}/{data}/{variant}/{seed}"
                     out = os.path.join(work, key.replace("/", "_").replace(" ", "_"))
                     # One result file per run, so several invocations (other --sets or --seeds,
                     # one per core) can share a workdir and an interrupted one resumes.
-                    results[key] = cached(out, trained, model, data, variant, seed, out, rows)
+                    setup = {**spec, "variant": {**VARIANTS, **ABLATIONS}.get(variant),
+                             "temperature": TEMPERATURE, "batch": BATCH, "negatives": NEGS,
+                             "lengths": [QLEN, PLEN], "st_eos": "tokenizer, after truncation"}
+                    results[key] = cached(out, setup, trained, model, data, variant, seed, out,
+                                          rows)
                     print(f"{key}: nDCG@10 {results[key]:.4f}", flush=True)
     report(results, args)
 
