@@ -52,6 +52,7 @@ VARIANTS = {"infonce": [], "gte": ["--gte_negatives", "1"],
             "temperature 0.05": ["--temperature", "0.05"]}
 # Not loss variants, run only when named: does a speed feature cost quality?
 ABLATIONS = {"cpu_kernels off": ["--cpu_kernels", "off"]}
+FLAGS = {**VARIANTS, **ABLATIONS}  # what each named run adds to train.py's command
 TEMPERATURE, BATCH, NEGS, QLEN, PLEN = 0.02, 8, 2, 64, 128
 
 
@@ -61,7 +62,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sets", nargs="+", choices=sorted(SETS), default=["en", "zh"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--variants", nargs="+",
-                   choices=[*VARIANTS, "sentence-transformers", *ABLATIONS],
+                   choices=[*FLAGS, "sentence-transformers"],
                    default=[*VARIANTS, "sentence-transformers"])
     p.add_argument("--workdir", default=None)
     return p.parse_args(argv)
@@ -82,7 +83,7 @@ def ours(model: str, data: str, variant: str, seed: int, out: str) -> str:
                "--warmup_proportion", "0.1", "--seed", str(seed),
                "--mixed_precision", "bf16" if spec["precision"] == "bf16" else "no",
                "--save_on_epoch_end", "0", "--logging_steps", "10", "--overwrite_output_dir",
-               *{**VARIANTS, **ABLATIONS}[variant]], out)
+               *FLAGS[variant]], out)
     return os.path.join(out, "final")
 
 
@@ -149,7 +150,7 @@ def main() -> None:
                     out = os.path.join(work, key.replace("/", "_").replace(" ", "_"))
                     # One result file per run, so several invocations (other --sets or --seeds,
                     # one per core) can share a workdir and an interrupted one resumes.
-                    setup = {**spec, "variant": {**VARIANTS, **ABLATIONS}.get(variant),
+                    setup = {**spec, "variant": FLAGS.get(variant),
                              "temperature": TEMPERATURE, "batch": BATCH, "negatives": NEGS,
                              "lengths": [QLEN, PLEN], "st_eos": "tokenizer, after truncation"}
                     results[key] = cached(out, setup, trained, model, data, variant, seed, out,
@@ -180,6 +181,7 @@ def report(results: dict[str, float], args: argparse.Namespace) -> None:
                 verdict = ("ahead" if lead > max(spread, theirs_spread) else
                            "behind" if -lead > max(spread, theirs_spread) else "within spread")
                 print(f"  {variant:<24}vs sentence-transformers {lead:+.4f} ({verdict})")
+
 
 if __name__ == "__main__":
     main()

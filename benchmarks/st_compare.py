@@ -134,15 +134,18 @@ def run_sentence_transformers(args: argparse.Namespace, out: str, precision: str
 
 
 def tokenizer_appends_eos(tok: Any, on: bool) -> bool:
-    """Switch a tokenizer's own EOS (after truncation) on or off, BOS kept as it was; whether
-    it now does as asked. (Setting either flag rebuilds the template from both.)"""
+    """Switch a tokenizer's own EOS (after truncation) on or off, BOS kept as it was. False,
+    untouched, for a tokenizer without the switch; one that has it but then does otherwise
+    (its template rebuilt from both flags) stops the run rather than train on a changed one."""
     if not hasattr(tok, "add_eos_token"):
         return False
     ids = tok("a")["input_ids"]
     bos = tok.bos_token_id is not None and ids[0] == tok.bos_token_id
     tok.add_bos_token, tok.add_eos_token = bos, on
     ids = tok("a")["input_ids"]
-    return (ids[-1] == tok.eos_token_id) == on and (ids[0] == tok.bos_token_id) == bos
+    if (ids[-1] == tok.eos_token_id) != on or (ids[0] == tok.bos_token_id) != bos:
+        raise SystemExit(f"{type(tok).__name__}: add_eos_token={on} gave {ids} for 'a'")
+    return True
 
 
 def st_worker(args: argparse.Namespace) -> None:
