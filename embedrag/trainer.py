@@ -406,7 +406,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
     if main:
         say(done_lines(summary))
         write_json(os.path.join(cfg.output_dir, "training_summary_report.json"), summary)
-        say(publish(cfg.output_dir, summary))  # training_curves.png; final/README.md
+        say(publish(cfg.output_dir, summary, tokenizer))  # training_curves.png; final/README.md
     logger.close()
     trained_model = accelerator.unwrap_model(model)
     model = optimizer = None  # DDP's reducer goes before the process group it talks through

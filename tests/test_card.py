@@ -77,6 +77,17 @@ def test_final_card_tells_the_run_as_its_files_do(cli_run):
         (out / "training_curves.png").read_bytes()
 
 
+def test_final_card_is_what_the_saved_folder_gives(cli_run, tmp_path):
+    """The run writes final/README.md with the tokenizer it holds, not one loaded again from
+    final/: the card must be the same as one written from the folder alone."""
+    out, _ = cli_run
+    summary = json.loads((out / "training_summary_report.json").read_text())
+    copy = tmp_path / "final"
+    shutil.copytree(out / "final", copy)
+    write_card(str(copy), target=str(out / "final"), summary=summary)
+    assert (copy / "README.md").read_text() == (out / "final" / "README.md").read_text()
+
+
 def test_checkpoint_cards_tell_how_far_training_had_come(cli_run):
     out, _ = cli_run
     summary = json.loads((out / "training_summary_report.json").read_text())
