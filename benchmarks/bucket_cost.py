@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""What a length bucket costs: one forward+backward call of the real model, fitted, and what
+that says about the bucket plan's per-call overhead (embedrag.modeling.BUCKET_OVERHEAD).
+
+    python benchmarks/bucket_cost.py --job gemma --precision bf16
+    python benchmarks/bucket_cost.py --job minilm --precision fp32
+
+The model is loaded as train.py loads it (LoRA or full, base dtype, CPU kernels) and each
+(rows x length) call is timed after a warm-up pass, on random ids with no padding. The fit is
+seconds = a + b * positions + c * rows * length^2 (attention); a / b is a call's cost in token
+positions, the unit of the bucket plan. Then the batches of st_compare's job (the first 96
+Traditional Chinese rows, batch 8, 2 hard negatives, queries 64 / passages 256 tokens) are
+planned with several overheads, and for each plan the fit predicts the seconds of the epoch's
+forward+backward calls and the share of padding computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import gemma, minilm  # noqa: E402
+
+JOBS = {"minilm": ("full", "mean"), "gemma": ("lora", "last")}
+SHAPES = [(4, 32), (8, 32), (16, 32), (4, 64), (8, 64), (16, 64), (4, 128), (8, 128), (2, 256),
+          (4, 256)]
+OVERHEADS = (0, 32, 64, 100, 150, 256)
+TRAIN = os.path.join(ROOT, "datasets/manpages_zh_tw_train.jsonl")
+
+
+def call_seconds(model, dtype, vocab: int, rows: int, length: int) -> float:
+    import torch
+
+    ids = torch.randint(0, vocab, (rows, length))
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        emb = model(ids, torch.ones_like(ids))
+    emb.square().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def fit(model, dtype, vocab: int, repeats: int) -> tuple[float, float, float]:
+    """(a, b, c) of seconds = a + b * n * L + c * n * L^2, least squares over SHAPES."""
+    import numpy as np
+
+    for n, length in SHAPES:  # warm-up
+        call_seconds(model, dtype, vocab, n, length)
+    rows, secs = [], []
+    for _ in range(repeats):
+        for n, length in SHAPES:
+            rows.append([1.0, n * length, n * length * length])
+            secs.append(call_seconds(model, dtype, vocab, n, length))
+    a, b, c = np.linalg.lstsq(np.array(rows), np.array(secs), rcond=None)[0]
+    return float(a), float(b), float(c)
+
+
+def job_masks(tokenizer, append_eos: bool) -> list:
+    """The attention masks of one epoch of st_compare's job, queries and passages apart."""
+    import torch
+
+    from embedrag.data import Collator, TrainingSet, read_jsonl
+
+    with open(TRAIN, encoding="utf-8") as f, tempfile.NamedTemporaryFile(
+            "w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
+        out.writelines(f.readlines()[:96])
+    data = TrainingSet(read_jsonl(out.name), tokenizer, neg_nums=2, query_max_len=64,
+                       passage_max_len=256, query_instruction="", append_eos=append_eos, seed=42)
+    os.unlink(out.name)
+    data.set_epoch(1)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1),
+        collate_fn=Collator(data, tokenizer.pad_token_id, tokenizer.padding_side))
+    return [m for b in loader for m in (b["query_attention_mask"], b["passage_attention_mask"])]
+
+
+def main() -> None:
+    import torch
+
+    from embedrag.config import parse_args
+    from embedrag.loading import load_backbone, lora_input_casts
+    from embedrag.modeling import EmbeddingModel, length_buckets, load_tokenizer, resolve_append_eos
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--job", choices=sorted(JOBS), default="gemma")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--repeats", type=int, default=2, help="timed passes over the shapes")
+    args = p.parse_args()
+    finetune, pooling = JOBS[args.job]
+    path = minilm() if args.job == "minilm" else gemma()
+    cfg = parse_args(["--model_name_or_path", path, "--train_dataset", TRAIN,
+                      "--output_dir", "unused", "--batch_size", "8", "--finetune_type", finetune,
+                      "--pooling", pooling, "--mixed_precision",
+                      {"fp32": "no"}.get(args.precision, args.precision)])
+    torch.manual_seed(0)
+    backbone, _ = load_backbone(cfg, torch.device("cpu"))
+    if finetune != "full":
+        lora_input_casts(backbone, False)  # as training runs it
+    model = EmbeddingModel(backbone, pooling).train()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    vocab = backbone.get_input_embeddings().num_embeddings
+    a, b, c = fit(model, dtype, vocab, args.repeats)
+    print(f"{args.job} {finetune} {args.precision}, {torch.get_num_threads()} threads: a call "
+          f"costs {a * 1e3:.1f} ms + {b * 1e3:.3f} ms per position + {c * 1e6:.2f} us per "
+          f"position x length: a call = {a / b:.0f} positions")
+
+    tokenizer = load_tokenizer(path)
+    masks = job_masks(tokenizer, resolve_append_eos("auto", pooling, tokenizer))
+    print(f"{'overhead':>9}{'calls':>7}{'padding':>9}{'predicted s':>13}")
+    for overhead in OVERHEADS:
+        calls = computed = real = 0
+        seconds = 0.0
+        for mask in masks:
+            for bucket in length_buckets(mask, overhead):
+                n, width = len(bucket.rows), bucket.window[1] - bucket.window[0]
+                calls, computed = calls + 1, computed + n * width
+                seconds += a + b * n * width + c * n * width * width
+            real += int(mask.sum())
+        print(f"{overhead:>9}{calls:>7}{1 - real / computed:>9.1%}{seconds:>13.1f}")
+
+
+if __name__ == "__main__":
+    main()
