@@ -8,10 +8,13 @@ that says about the bucket plan's per-call overhead (embedrag.modeling.BUCKET_OV
 The model is loaded as train.py loads it (LoRA or full, base dtype, CPU kernels) and each
 (rows x length) call is timed after a warm-up pass, on random ids with no padding. The fit is
 seconds = a + b * positions + c * rows * length^2 (attention); a / b is a call's cost in token
-positions, the unit of the bucket plan. Then the batches of st_compare's job (the first 96
-Traditional Chinese rows, batch 8, 2 hard negatives, queries 64 / passages 256 tokens) are
-planned with several overheads, and for each plan the fit predicts the seconds of the epoch's
-forward+backward calls and the share of padding computed.
+positions, the unit of the bucket plan. It is an upper bound: each timed call starts its own
+backward pass and autocast's weight casts, which a training step pays once, not per bucket.
+
+Then the batches of st_compare's job (the first 96 Traditional Chinese rows, batch 8, 2 hard
+negatives, queries 64 / passages 256 tokens, in train.py's order) are planned with several
+overheads, and for each plan the fit predicts the seconds of the epoch's forward+backward calls
+and the share of padding computed.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ def call_seconds(model, dtype, vocab: int, rows: int, length: int) -> float:
     return time.perf_counter() - start
 
 
-def fit(model, dtype, vocab: int, repeats: int) -> tuple[float, float, float]:
-    """(a, b, c) of seconds = a + b * n * L + c * n * L^2, least squares over SHAPES."""
+def fit(model, dtype, vocab: int, repeats: int) -> tuple[float, float, float, float]:
+    """(a, b, c) of seconds = a + b * n * L + c * n * L^2, least squares over SHAPES, and the
+    fit's largest relative miss on a timed call."""
     import numpy as np
 
     for n, length in SHAPES:  # warm-up
@@ -56,15 +60,17 @@ def fit(model, dtype, vocab: int, repeats: int) -> tuple[float, float, float]:
         for n, length in SHAPES:
             rows.append([1.0, n * length, n * length * length])
             secs.append(call_seconds(model, dtype, vocab, n, length))
-    a, b, c = np.linalg.lstsq(np.array(rows), np.array(secs), rcond=None)[0]
-    return float(a), float(b), float(c)
+    x, y = np.array(rows), np.array(secs)
+    a, b, c = np.linalg.lstsq(x, y, rcond=None)[0]
+    miss = float(np.max(np.abs(x @ np.array([a, b, c]) - y) / y))
+    return float(a), float(b), float(c), miss
 
 
 def job_masks(tokenizer, append_eos: bool) -> list:
     """The attention masks of one epoch of st_compare's job, queries and passages apart."""
     import torch
 
-    from embedrag.data import Collator, TrainingSet, read_jsonl
+    from embedrag.data import Collator, EpochShuffle, TrainingSet, read_jsonl
 
     with open(TRAIN, encoding="utf-8") as f, tempfile.NamedTemporaryFile(
             "w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
@@ -74,7 +80,7 @@ def job_masks(tokenizer, append_eos: bool) -> list:
     os.unlink(out.name)
     data.set_epoch(1)
     loader = torch.utils.data.DataLoader(
-        data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1),
+        data, batch_size=8, sampler=EpochShuffle(len(data), 42),  # train.py's order, seed 42
         collate_fn=Collator(data, tokenizer.pad_token_id, tokenizer.padding_side))
     return [m for b in loader for m in (b["query_attention_mask"], b["passage_attention_mask"])]
 
@@ -100,14 +106,15 @@ def main() -> None:
     torch.manual_seed(0)
     backbone, _ = load_backbone(cfg, torch.device("cpu"))
     if finetune != "full":
-        lora_input_casts(backbone, False)  # as training runs it
+        lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # as train.py does
     model = EmbeddingModel(backbone, pooling).train()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     vocab = backbone.get_input_embeddings().num_embeddings
-    a, b, c = fit(model, dtype, vocab, args.repeats)
+    a, b, c, miss = fit(model, dtype, vocab, args.repeats)
     print(f"{args.job} {finetune} {args.precision}, {torch.get_num_threads()} threads: a call "
           f"costs {a * 1e3:.1f} ms + {b * 1e3:.3f} ms per position + {c * 1e6:.2f} us per "
-          f"position x length: a call = {a / b:.0f} positions")
+          f"position x length: a call = {a / b:.0f} positions (largest miss of the fit on a "
+          f"timed call: {miss:.0%})")
 
     tokenizer = load_tokenizer(path)
     masks = job_masks(tokenizer, resolve_append_eos("auto", pooling, tokenizer))
