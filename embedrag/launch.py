@@ -139,7 +139,8 @@ def _launch(n: int, script: str, argv: list[str]) -> int:
             else:
                 how = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
                 reason = f"failed ({how}): {_last_line(logs, rank)}"
-            print(f"train.py: worker {rank} of {n}: {reason}", file=sys.stderr)
+            # Worker 0 was stopped where it stood, perhaps mid progress bar: a line of our own.
+            print(f"\ntrain.py: worker {rank} of {n}: {reason}", file=sys.stderr)
             return code if code > 0 else 1
 
 
