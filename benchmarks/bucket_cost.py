@@ -11,10 +11,10 @@ seconds = a + b * positions + c * rows * length^2 (attention); a / b is a call's
 positions, the unit of the bucket plan. It is an upper bound: each timed call starts its own
 backward pass and autocast's weight casts, which a training step pays once, not per bucket.
 
-Then the batches of st_compare's job (the first 96 Traditional Chinese rows, batch 8, 2 hard
-negatives, queries 64 / passages 256 tokens, in train.py's order) are planned with several
-overheads, and for each plan the fit predicts the seconds of the epoch's forward+backward calls
-and the share of padding computed.
+Then the batches of st_compare's job (its defaults: the first 96 Traditional Chinese rows,
+batch 8, 2 hard negatives, queries 64 / passages 256 tokens, in train.py's order) are planned
+with several overheads, and for each plan the fit predicts the seconds of the epoch's
+forward+backward calls and the share of padding computed.
 """
 
 from __future__ import annotations
@@ -22,18 +22,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import gemma, minilm  # noqa: E402
+from benchmarks.st_compare import JOBS  # noqa: E402
+from benchmarks.st_compare import parse as job_settings  # noqa: E402
 
-JOBS = {"minilm": ("full", "mean"), "gemma": ("lora", "last")}
 SHAPES = [(4, 32), (8, 32), (16, 32), (4, 64), (8, 64), (16, 64), (4, 128), (8, 128), (2, 256),
           (4, 256)]
 OVERHEADS = (0, 32, 64, 100, 150, 256)
-TRAIN = os.path.join(ROOT, "datasets/manpages_zh_tw_train.jsonl")
 
 
 def call_seconds(model, dtype, vocab: int, rows: int, length: int) -> float:
@@ -66,21 +65,19 @@ def fit(model, dtype, vocab: int, repeats: int) -> tuple[float, float, float, fl
     return float(a), float(b), float(c), miss
 
 
-def job_masks(tokenizer, append_eos: bool) -> list:
+def job_masks(job, tokenizer, append_eos: bool) -> list:
     """The attention masks of one epoch of st_compare's job, queries and passages apart."""
     import torch
 
     from embedrag.data import Collator, EpochShuffle, TrainingSet, read_jsonl
 
-    with open(TRAIN, encoding="utf-8") as f, tempfile.NamedTemporaryFile(
-            "w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
-        out.writelines(f.readlines()[:96])
-    data = TrainingSet(read_jsonl(out.name), tokenizer, neg_nums=2, query_max_len=64,
-                       passage_max_len=256, query_instruction="", append_eos=append_eos, seed=42)
-    os.unlink(out.name)
+    data = TrainingSet(read_jsonl(job.train)[: job.limit_train or None], tokenizer,
+                       neg_nums=job.neg_nums, query_max_len=job.query_max_len,
+                       passage_max_len=job.passage_max_len, query_instruction="",
+                       append_eos=append_eos, seed=job.seed)
     data.set_epoch(1)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=8, sampler=EpochShuffle(len(data), 42),  # train.py's order, seed 42
+    loader = torch.utils.data.DataLoader(  # rows in train.py's order
+        data, batch_size=job.batch_size, sampler=EpochShuffle(len(data), job.seed),
         collate_fn=Collator(data, tokenizer.pad_token_id, tokenizer.padding_side))
     return [m for b in loader for m in (b["query_attention_mask"], b["passage_attention_mask"])]
 
@@ -97,10 +94,12 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--repeats", type=int, default=2, help="timed passes over the shapes")
     args = p.parse_args()
-    finetune, pooling = JOBS[args.job]
+    job = job_settings(["--job", args.job])
+    finetune, pooling = JOBS[args.job]["finetune_type"], JOBS[args.job]["pooling"]
     path = minilm() if args.job == "minilm" else gemma()
-    cfg = parse_args(["--model_name_or_path", path, "--train_dataset", TRAIN,
-                      "--output_dir", "unused", "--batch_size", "8", "--finetune_type", finetune,
+    cfg = parse_args(["--model_name_or_path", path, "--train_dataset", job.train,
+                      "--output_dir", "unused", "--batch_size", str(job.batch_size),
+                      "--finetune_type", finetune,
                       "--pooling", pooling, "--mixed_precision",
                       {"fp32": "no"}.get(args.precision, args.precision)])
     torch.manual_seed(0)
@@ -117,7 +116,7 @@ def main() -> None:
           f"timed call: {miss:.0%})")
 
     tokenizer = load_tokenizer(path)
-    masks = job_masks(tokenizer, resolve_append_eos("auto", pooling, tokenizer))
+    masks = job_masks(job, tokenizer, resolve_append_eos("auto", pooling, tokenizer))
     print(f"{'overhead':>9}{'calls':>7}{'padding':>9}{'predicted s':>13}")
     for overhead in OVERHEADS:
         calls = computed = real = 0
