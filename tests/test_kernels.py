@@ -130,6 +130,39 @@ def test_attention_without_dropout_is_sdpa_and_fp32_under_bf16_autocast():
     assert (out.double() - exact).abs().max() <= 8e-3
 
 
+@pytest.mark.parametrize("mask", ["bool", "float", "none"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_query_heads_are_transformers_sdpa_without_the_copies(mask, causal):
+    """Gemma/Qwen2-style heads (4 query heads per key head) without dropout: the same output
+    and gradients as transformers' SDPA, which copies each key/value head out per query head
+    first whenever there is a mask, and less kept for the backward pass (those copies)."""
+    torch.manual_seed(7)
+    q = torch.randn(3, 8, 10, 16, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 10, 16, dtype=torch.float64) for _ in range(2))
+    allowed = padding_mask([10, 6, 3], 10) & torch.ones(10, 10, dtype=torch.bool).tril()
+    masks = {"bool": allowed, "none": None,
+             "float": torch.where(allowed, 0.0, torch.finfo(torch.float32).min)}
+    weights = torch.randn(3, 10, 8, 16, dtype=torch.float64)
+    results = []
+    for attend in (kernels.attention, sdpa_attention_forward):
+        inputs = [t.float().requires_grad_() for t in (q, k, v)]
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, _ = attend(Layer(causal=causal, groups=4), *inputs, masks[mask], dropout=0.0)
+        (out.double() * weights).sum().backward()
+        results.append(([out, *(t.grad for t in inputs)], sum(saved)))
+    (ours, ours_saved), (theirs, theirs_saved) = results
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # without a mask transformers passes the grouped heads through itself
+    assert ours_saved < theirs_saved if mask != "none" else ours_saved == theirs_saved
+
+
 def test_causal_without_mask_and_fully_masked_rows():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64) for _ in range(3))

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""One attention layer's forward+backward: EmbedRAG's CPU attention against transformers' SDPA.
+
+    python benchmarks/attention_kernels.py [--rows 8] [--length 128] [--repeats 9]
+
+Heads as in real models' layers (query heads / key-value heads x head size), bf16 inputs under
+bf16 autocast as a LoRA step on a bf16 base computes them, a padding mask (rows of lengths
+spread over [length/2, length]) plus causality for decoders. Prints the median milliseconds of
+each and their ratio. Grouped-query models are where the two differ without dropout:
+transformers copies every key/value head out per query head when there is a mask, EmbedRAG's
+attention hands the grouped heads to SDPA as they are (`embedrag/kernels.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# name: (query heads, key-value heads, head size, causal, attention dropout)
+LAYERS = {"Gemma-3-270M": (4, 1, 256, True, 0.0), "Qwen2-1.5B (gte-Qwen2)": (12, 2, 128, True, 0.0),
+          "Qwen3-0.6B": (16, 8, 128, True, 0.0), "Llama-3-8B": (32, 8, 128, True, 0.0),
+          "all-MiniLM-L6-v2": (12, 12, 32, False, 0.1)}
+
+
+def main() -> None:
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from embedrag import kernels
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=9)
+    args = p.parse_args()
+
+    class Layer(torch.nn.Module):
+        def __init__(self, causal: bool, groups: int):
+            super().__init__()
+            self.is_causal, self.num_key_value_groups = causal, groups
+
+    n, length = args.rows, args.length
+    lengths = torch.linspace(length // 2, length, n).round().long()
+    allowed = torch.arange(length)[None, :] < lengths[:, None]                 # (N, L) right-padded
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} rows of "
+          f"{length // 2}-{length} tokens, bf16 autocast; forward+backward, median ms")
+    print(f"{'layer':<24} {'heads':>9} {'transformers':>13} {'EmbedRAG':>9} {'ratio':>6}")
+    for name, (heads, kv_heads, size, causal, dropout) in LAYERS.items():
+        mask = allowed[:, None, None, :].expand(n, 1, length, length)          # (N, 1, L, L)
+        if causal:
+            mask = mask & torch.ones(length, length, dtype=torch.bool).tril()
+        layer = Layer(causal, heads // kv_heads)
+        times = {}
+        for label, attend in (("transformers", sdpa_attention_forward),
+                              ("EmbedRAG", kernels.attention)):
+            runs = []
+            for _ in range(args.repeats):
+                q = torch.randn(n, heads, length, size, dtype=torch.bfloat16, requires_grad=True)
+                k, v = (torch.randn(n, kv_heads, length, size, dtype=torch.bfloat16,
+                                    requires_grad=True) for _ in range(2))
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out, _ = attend(layer, q, k, v, mask, dropout=dropout)
+                out.float().sum().backward()
+                runs.append(time.perf_counter() - start)
+            times[label] = statistics.median(runs) * 1000
+        print(f"{name:<24} {f'{heads}/{kv_heads}x{size}':>9} {times['transformers']:>13.1f} "
+              f"{times['EmbedRAG']:>9.1f} {times['transformers'] / times['EmbedRAG']:>5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
