@@ -239,11 +239,13 @@ def test_install_on_a_model(tiny_encoder, tmp_path):
     ("tiny_encoder", "model"), ("tiny_decoder", "model"), ("tiny_decoder_left", "model"),
     ("tiny_decoder", "bidirectional"), ("tiny_gemma3", "model"),
     ("tiny_gemma3", "bidirectional")])
-def test_training_mode_path_through_real_models(fixture, attention, request):
+@pytest.mark.parametrize("attention_dropout", [1e-9, 0.0])
+def test_training_mode_path_through_real_models(fixture, attention, attention_dropout, request):
     """Attention dropout 1e-9 sends every layer down the dropout path while keeping every
-    element: in training mode the model must then give what the plain one gives in eval —
-    values and gradients — for BERT, Qwen2 and Gemma 3 (a sliding-window layer of 4 tokens,
-    shorter than the texts), causal and bidirectional."""
+    element, 0 down the SDPA path (grouped-query heads passed through for Qwen2 and Gemma 3):
+    in training mode the model must then give what the plain one gives in eval — values and
+    gradients — for BERT, Qwen2 and Gemma 3 (a sliding-window layer of 4 tokens, shorter than
+    the texts), causal and bidirectional."""
     from transformers import AutoModel
 
     from embedrag.loading import model_config
@@ -251,7 +253,7 @@ def test_training_mode_path_through_real_models(fixture, attention, request):
     path = request.getfixturevalue(fixture)
     plain = AutoModel.from_pretrained(path, config=model_config(path, attention=attention)).eval()
     config = plain.config.to_dict()
-    off = {k: (1e-9 if "attention" in k else 0.0) for k in config if "dropout" in k
+    off = {k: (attention_dropout if "attention" in k else 0.0) for k in config if "dropout" in k
            and isinstance(config[k], float)}
     fast_config = model_config(path, attention=attention)
     for key, value in off.items():
