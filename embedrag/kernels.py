@@ -72,9 +72,9 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     plain = all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux", "sinks"))
     if dropout == 0.0 or not plain:
         # Grouped-query heads (Gemma, Qwen2, Llama) go to SDPA as they are (enable_gqa): the
-        # key and value heads are not copied out per query head, which transformers does
-        # whenever there is a mask; 1.2-2.5x faster forward+backward here, and those copies
-        # are not kept for the backward pass.
+        # key and value heads are not copied out per query head, which transformers does on
+        # a CPU whenever there is a mask (benchmarks/attention_kernels.py times both), and
+        # those copies are not kept for the backward pass.
         same = query.shape[2] == key.shape[2]  # no cache: the only case the kv is not sliced
         sdpa = _sdpa_gqa if plain and same else sdpa_attention_forward
         dtype = query.dtype
@@ -99,10 +99,8 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         # finfo.min, not -inf: a fully masked row (a left-padding query) stays finite
         bias = (torch.where(attention_mask, 0.0, torch.finfo(torch.float32).min)
                 if attention_mask.dtype == torch.bool else attention_mask.float())
-    elif lq > 1 and (kwargs.get("is_causal") if kwargs.get("is_causal") is not None
-                     else getattr(module, "is_causal", True)):
-        # No mask: causality was left to SDPA's flag, read here as transformers' SDPA path
-        # reads it, top-left aligned as torch's is_causal
+    elif lq > 1 and _causal(module, kwargs):
+        # No mask: causality was left to SDPA's flag, top-left aligned as torch's is_causal
         bias = torch.full((lq, lk), torch.finfo(torch.float32).min, device=query.device).triu(1)
     with torch.autocast(query.device.type, enabled=False):
         scores = torch.matmul(query.float() * scale, key.float().transpose(2, 3))
@@ -113,16 +111,25 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     return out.transpose(1, 2).to(dtype).contiguous(), None
 
 
+def _causal(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether a layer given no mask is causal, read as transformers' SDPA path reads it: an
+    `is_causal` argument wins, else the module's flag, else causal."""
+    causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if causal is None else causal)
+
+
 def _sdpa_gqa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float = 0.0,
               scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA call for equal query and key lengths, with grouped-query heads
-    passed through. Shapes as `attention`."""
-    causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else causal
+    """transformers' `sdpa_attention_forward` (same arguments) for equal query and key
+    lengths, with grouped-query heads passed through. Shapes as `attention`.
+
+    transformers has a switch for the same (TRANSFORMERS_SDPA_FORCE_GQA=1), but it is an
+    environment variable for the whole process, GPUs included, where masked grouped-query
+    attention would fall back to the slow math kernel."""
     out = nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        is_causal=bool(query.shape[2] > 1 and attention_mask is None and causal),
+        is_causal=query.shape[2] > 1 and attention_mask is None and _causal(module, kwargs),
         enable_gqa=query.shape[1] != key.shape[1])                      # (B, H, Lq, d)
     return out.transpose(1, 2).contiguous(), None
 

@@ -179,8 +179,10 @@ def test_causal_without_mask_and_fully_masked_rows():
     assert torch.isfinite(out).all()
 
 
-def test_without_a_mask_causality_is_read_as_sdpa_reads_it():
-    """A module without `is_causal` counts as causal, an `is_causal=False` argument wins."""
+@pytest.mark.parametrize("dropout", [1e-9, 0.0])
+def test_without_a_mask_causality_is_read_as_sdpa_reads_it(dropout):
+    """A module without `is_causal` counts as causal, an `is_causal` argument wins; on the
+    dropout path (p = 1e-9 keeps every element) and the SDPA path."""
     torch.manual_seed(4)
     q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
 
@@ -188,9 +190,9 @@ def test_without_a_mask_causality_is_read_as_sdpa_reads_it():
         pass
 
     for module, kwargs in ((Bare(), {}), (Layer(causal=True), {"is_causal": False}),
+                           (Layer(causal=False), {"is_causal": True}),
                            (Layer(causal=False), {})):
-        # p = 1e-9 takes the dropout path but keeps every element
-        ours, _ = kernels.attention(module, q, k, v, None, dropout=1e-9, **kwargs)
+        ours, _ = kernels.attention(module, q, k, v, None, dropout=dropout, **kwargs)
         theirs, _ = sdpa_attention_forward(module, q, k, v, None, dropout=0.0, **kwargs)
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
