@@ -75,7 +75,9 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         # key and value heads are not copied out per query head, which transformers does on
         # a CPU whenever there is a mask (benchmarks/attention_kernels.py times both), and
         # those copies are not kept for the backward pass.
-        same = query.shape[2] == key.shape[2]  # no cache: the only case the kv is not sliced
+        # Equal lengths (no KV cache): transformers' one extra step, cutting a longer key
+        # and value to a causal query's length, cannot apply.
+        same = query.shape[2] == key.shape[2]
         sdpa = _sdpa_gqa if plain and same else sdpa_attention_forward
         dtype = query.dtype
         if dtype in (torch.bfloat16, torch.float16):  # with or without grad: same numbers
