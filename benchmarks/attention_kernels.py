@@ -49,6 +49,11 @@ def main() -> None:
             super().__init__()
             self.is_causal, self.num_key_value_groups = causal, groups
 
+    def in_fp32(module, q, k, v, mask, **kw):  # transformers' SDPA on fp32 copies
+        with torch.autocast("cpu", enabled=False):
+            out, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), mask, **kw)
+        return out.to(q.dtype), None
+
     n, length = args.rows, args.length
     lengths = torch.linspace(length // 2, length, n).round().long()
     allowed = torch.arange(length)[None, :] < lengths[:, None]                 # (N, L) right-padded
@@ -61,12 +66,6 @@ def main() -> None:
         if causal:
             mask = mask & torch.ones(length, length, dtype=torch.bool).tril()
         layer = Layer(causal, heads // kv_heads)
-
-        def in_fp32(module, q, k, v, mask, **kw):
-            with torch.autocast("cpu", enabled=False):
-                out, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), mask,
-                                                **kw)
-            return out.to(q.dtype), None
 
         times = {}
         for label, attend in (("tf bf16", sdpa_attention_forward), ("tf fp32", in_fp32),
@@ -85,6 +84,7 @@ def main() -> None:
         print(f"{name:<24} {f'{heads}/{kv_heads}x{size}':>9} {times['tf bf16']:>8.1f} "
               f"{times['tf fp32']:>8.1f} {times['EmbedRAG']:>9.1f} "
               f"{times['tf fp32'] / times['EmbedRAG']:>7.2f}x")
+
 
 if __name__ == "__main__":
     main()
