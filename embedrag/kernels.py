@@ -1,4 +1,4 @@
-"""Faster CPU versions of two operations a training step spends its time in.
+"""Faster CPU versions of three operations a training step spends its time in.
 
 Profiling a MiniLM step on a 2-core AVX-512 CPU (benchmarks/profile_step.py) showed:
 
@@ -11,8 +11,15 @@ Profiling a MiniLM step on a 2-core AVX-512 CPU (benchmarks/profile_step.py) sho
 - bf16 attention backward: PyTorch's CPU flash-attention kernel is ~3.5x slower in bf16 than
   in fp32 (124 vs 37 ms for 32x12x128x32 forward+backward). Under bf16 autocast the
   attention here runs in fp32 and casts back, which is also the more accurate choice.
+- RMSNorm (Gemma, Qwen2, Llama, Mistral): transformers' version runs ~7 tensor passes
+  forward and ~12 backward in fp32 and keeps two fp32 copies of its input for the backward
+  pass; in a Gemma-3-270M LoRA forward+backward in bf16 (2,048 tokens) the norms were ~9%
+  of the time. Here one autograd function does the same arithmetic in 5 passes each way and
+  keeps only the input and one scale per row, which cuts what that call keeps for backward
+  from 3.1 to 2.3 GB. A class is swapped only after a probe shows it computes what the
+  module's own forward does.
 
-Both apply on CPU only: GPUs have fused dropout and fast bf16 attention, so `install` leaves a
+All apply on CPU only: GPUs have fused kernels and fast bf16 attention, so `install` leaves a
 model on any other device as it is. Results are the same computations (attention under bf16
 autocast a little more exact); only the random stream behind the dropout masks differs from
 torch's. The price: attention with dropout keeps its (B, H, L, L) tensors for the backward pass
@@ -22,6 +29,7 @@ sequences with attention dropout.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import numpy as np
@@ -136,6 +144,82 @@ def _sdpa_gqa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     return out.transpose(1, 2).contiguous(), None
 
 
+class _RMSNorm(torch.autograd.Function):
+    """y = w' * x / sqrt(mean(x^2) + eps) over the last dim, computed in fp32 (or wider).
+
+    `offset` is Gemma's form: the weight is stored as w - 1, and the product is rounded to
+    the input dtype after the weight multiply. Otherwise (Llama, Qwen2, Mistral) the
+    normalised input is rounded first, then multiplied by the weight in the weight's dtype.
+    Backward keeps x and the per-row scale r and rebuilds x * r: with g' = dL/d(x r),
+    dL/dx = r * (g' - x r * mean(g' * x r))."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                offset: bool) -> torch.Tensor:
+        wide = torch.promote_types(x.dtype, torch.float32)
+        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)       # (..., 1)
+        r = torch.rsqrt(sq.square_().div_(x.shape[-1]).add_(eps))              # (..., 1)
+        normed = _times(x, r, wide)                                             # (..., D)
+        ctx.save_for_backward(x, r, weight)
+        ctx.offset = offset
+        if offset:
+            return normed.mul_(weight.to(wide) + 1.0).to(x.dtype)
+        return weight * normed.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, r, weight = ctx.saved_tensors
+        wide = r.dtype
+        normed = _times(x, r, wide)                                             # (..., D)
+        scale = weight.to(wide) + 1.0 if ctx.offset else weight.to(wide)        # (D,)
+        g = _times(grad, scale, wide)                                           # (..., D)
+        dot = torch.linalg.vecdot(g, normed, dim=-1).unsqueeze(-1)              # (..., 1)
+        dx = g.addcmul_(normed, dot, value=-1.0 / x.shape[-1]).mul_(r).to(x.dtype)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            seen = normed if ctx.offset else normed.to(x.dtype).to(wide)  # what w multiplied
+            dw = (grad.to(wide) * seen).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dw, None, None
+
+
+def _times(x: torch.Tensor, scale: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
+    """x * scale as a new `wide` tensor; a half-precision x is widened first, since mixed-dtype
+    multiplies take a slow unvectorised path on CPUs."""
+    widened = x.to(wide)
+    return widened.mul_(scale) if widened is not x else x * scale
+
+
+# RMSNorm classes by name -> Gemma's form (1 + w, rounded after the multiply) or not
+RMS_NORMS = {"GemmaRMSNorm": True, "Gemma2RMSNorm": True, "Gemma3RMSNorm": True,
+             "LlamaRMSNorm": False, "MistralRMSNorm": False, "Qwen2RMSNorm": False,
+             "Qwen3RMSNorm": False}
+
+
+def _rms_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    return _RMSNorm.apply(x, module.weight, eps, RMS_NORMS[type(module).__name__])
+
+
+def _agrees(module: nn.Module) -> bool:
+    """Whether `_rms_forward` gives what the module's own forward gives, on a probe drawn
+    from a private generator (the global random stream, which the dropout masks read, is left
+    alone): this transformers version might compute the class differently."""
+    if not isinstance(getattr(module, "weight", None), torch.Tensor) or not isinstance(
+            getattr(module, "eps", getattr(module, "variance_epsilon", None)), float):
+        return False
+    size = module.weight.shape[-1]
+    probe = torch.randn(3, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            x = probe.to(dtype=dtype, device=module.weight.device)
+            theirs, ours = module(x), _rms_forward(module, x)
+            if theirs.dtype != ours.dtype or not torch.allclose(
+                    theirs.float(), ours.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                    atol=1e-5):
+                return False
+    return True
+
+
 def _register() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
@@ -145,7 +229,7 @@ def _register() -> None:
 
 
 def install(model: nn.Module, device: torch.device) -> dict[str, Any]:
-    """Swap in the CPU dropout and attention when `model` will train on `device` = CPU;
+    """Swap in the CPU dropout, RMSNorm and attention when `model` will train on `device` = CPU;
     returns what was changed, for training_config.json's record of the run."""
     if device.type != "cpu":
         return {}
@@ -157,7 +241,17 @@ def install(model: nn.Module, device: torch.device) -> dict[str, Any]:
                 fast.train(child.training)
                 setattr(parent, name, fast)
                 swapped += 1
-    done: dict[str, Any] = {"cpu_dropout_modules": swapped}
+    verdict: dict[type, bool] = {}
+    norms = 0
+    for module in model.modules():
+        kind = type(module)
+        if kind.__name__ in RMS_NORMS:
+            if kind not in verdict:
+                verdict[kind] = _agrees(module)
+            if verdict[kind]:
+                module.forward = types.MethodType(_rms_forward, module)
+                norms += 1
+    done: dict[str, Any] = {"cpu_dropout_modules": swapped, "cpu_rms_norm_modules": norms}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if (config is not None and getattr(config, "_attn_implementation", None) == "sdpa"

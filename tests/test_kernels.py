@@ -1,5 +1,5 @@
-"""The CPU dropout and attention compute what torch's do, checked against float64 references
-that replay the same dropout masks."""
+"""The CPU dropout, RMSNorm and attention compute what torch's and transformers' do, checked
+against float64 references (replaying the same dropout masks)."""
 
 from __future__ import annotations
 
@@ -218,7 +218,8 @@ def test_install_on_a_model(tiny_encoder, tmp_path):
     assert fast.config._attn_implementation == "sdpa"
     done = kernels.install(fast, torch.device("cpu"))
     n_dropout = sum(type(m) is torch.nn.Dropout for m in plain.modules())
-    assert done == {"cpu_dropout_modules": n_dropout, "cpu_attention": True}
+    assert done == {"cpu_dropout_modules": n_dropout, "cpu_rms_norm_modules": 0,
+                    "cpu_attention": True}
     assert fast.config._attn_implementation == kernels.ATTENTION
     ids = torch.randint(5, 100, (3, 12))
     mask = torch.ones_like(ids)
@@ -244,7 +245,8 @@ def test_install_on_a_model(tiny_encoder, tmp_path):
 @pytest.mark.parametrize("attention_dropout", [1e-9, 0.0])
 def test_training_mode_path_through_real_models(fixture, attention, attention_dropout, request):
     """Attention dropout 1e-9 sends every layer down the dropout path while keeping every
-    element, 0 down the SDPA path (grouped-query heads passed through for Qwen2 and Gemma 3):
+    element, 0 down the SDPA path (grouped-query heads passed through for Qwen2 and Gemma 3),
+    and the decoders' RMSNorms are swapped:
     in training mode the model must then give what the plain one gives in eval — values and
     gradients — for BERT, Qwen2 and Gemma 3 (a sliding-window layer of 4 tokens, shorter than
     the texts), causal and bidirectional."""
@@ -261,7 +263,10 @@ def test_training_mode_path_through_real_models(fixture, attention, attention_dr
     for key, value in off.items():
         setattr(fast_config, key, value)
     fast = AutoModel.from_pretrained(path, config=fast_config)
-    assert kernels.install(fast, torch.device("cpu"))["cpu_attention"]
+    done = kernels.install(fast, torch.device("cpu"))
+    assert done["cpu_attention"]
+    norms = sum(type(m).__name__ in kernels.RMS_NORMS for m in fast.modules())
+    assert done["cpu_rms_norm_modules"] == norms and (norms > 0) == (fixture != "tiny_encoder")
     fast.train()
     ids = torch.randint(5, 100, (3, 12))
     mask = torch.ones_like(ids)
@@ -309,3 +314,100 @@ def test_cpu_kernels_off_leaves_the_model_its_own_operations(tiny_encoder):
     assert not any(type(m) is kernels.Dropout for m in model.modules())
     model, info = load("auto")
     assert info["cpu_attention"] and model.config._attn_implementation == kernels.ATTENTION
+
+
+def rms_reference(x, weight, eps, offset):
+    """RMSNorm by hand in float64."""
+    x, w = x.double(), weight.double()
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * (1 + w if offset else w)
+
+
+@pytest.mark.parametrize("offset", [True, False])
+def test_rms_norm_matches_float64_reference(offset):
+    torch.manual_seed(8)
+    x = (torch.randn(2, 5, 16, dtype=torch.float64) * 3).requires_grad_()
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    out = kernels._RMSNorm.apply(x, w, 1e-6, offset)
+    torch.testing.assert_close(out, rms_reference(x, w, 1e-6, offset), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: kernels._RMSNorm.apply(a, b, 1e-6, offset),
+                                    (x, w))
+
+
+@pytest.mark.parametrize("name", ["Gemma3RMSNorm", "Qwen2RMSNorm"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_transformers_norm(name, x_dtype, w_dtype):
+    """Same dtype out as transformers' module; in fp32 the same numbers, in bf16 at least as
+    close to the float64 reference (values and both gradients)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    torch.manual_seed(9)
+    offset = kernels.RMS_NORMS[name]
+    module = {"Gemma3RMSNorm": Gemma3RMSNorm, "Qwen2RMSNorm": Qwen2RMSNorm}[name](64).to(w_dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(64) * 0.3 + (0.0 if offset else 1.0))
+    x = (torch.randn(3, 7, 64) * 4).to(x_dtype).requires_grad_()
+    upstream = torch.randn(3, 7, 64)
+    x64 = x.detach().double().requires_grad_()
+    w64 = module.weight.detach().double().requires_grad_()
+    reference = rms_reference(x64, w64, 1e-6, offset)
+    want = [reference, *torch.autograd.grad((reference * upstream).sum(), (x64, w64))]
+
+    def run(forward):
+        out = forward(x)
+        return [out, *torch.autograd.grad((out.float() * upstream).sum(), (x, module.weight))]
+
+    theirs, ours = run(module), run(lambda t: kernels._rms_forward(module, t))
+    assert ours[0].dtype == theirs[0].dtype
+    if x_dtype == w_dtype == torch.float32:
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if w_dtype == torch.float32:  # the weight's gradient: from the same rounded products
+        torch.testing.assert_close(ours[2], theirs[2], rtol=1e-5, atol=1e-5)
+    for a, b, ref in zip(ours, theirs, want, strict=True):
+        err = [(t.double() - ref).abs().max().item() for t in (a, b)]
+        assert err[0] <= err[1] * 1.01 + 1e-6
+
+
+def test_rms_norm_keeps_only_its_input_and_a_scale_for_backward():
+    """transformers' norm keeps two fp32 copies of a bf16 input; this one the input itself."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    module = Gemma3RMSNorm(64).bfloat16()
+    x = torch.randn(4, 32, 64, dtype=torch.bfloat16, requires_grad=True)
+    kept = {}
+    for who, forward in (("theirs", module), ("ours", lambda t: kernels._rms_forward(module, t))):
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, sizes=sizes: sizes.append(t.numel() * t.element_size()) or t,
+                lambda t: t):
+            forward(x)
+        kept[who] = sum(sizes)
+    assert kept["ours"] == x.numel() * 2 + 4 * 32 * 4 + 64 * 2  # x, one fp32 r per row, weight
+    assert kept["theirs"] >= 2 * x.numel() * 4
+
+
+def test_install_swaps_only_norms_that_agree(tiny_decoder):
+    """A class with a known name that computes something else keeps its own forward."""
+    from transformers import AutoModel
+
+    class Qwen2RMSNorm(torch.nn.Module):  # the name of a known class, another computation
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return self.weight * x
+
+    model = AutoModel.from_pretrained(tiny_decoder)
+    model.impostor = Qwen2RMSNorm()
+    state = torch.get_rng_state()
+    done = kernels.install(model, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)  # the probes leave the dropout stream alone
+    real = [m for m in model.modules() if type(m).__name__ == "Qwen2RMSNorm" and
+            m is not model.impostor]
+    assert done["cpu_rms_norm_modules"] == len(real) > 0
+    assert all("forward" in m.__dict__ for m in real)
+    assert "forward" not in model.impostor.__dict__
