@@ -99,7 +99,7 @@ class TrainConfig:
         "attends to every other, through transformers' own mask machinery (decoders such as "
         "Qwen2/3, Llama, Mistral, Gemma 3).", default="model", choices=ATTENTIONS)
     cpu_kernels: str = _flag(
-        "auto: when training on a CPU, faster dropout masks and attention "
+        "auto: when training on a CPU, faster dropout masks, RMSNorm and attention "
         "(embedrag/kernels.py) where they compute what the model's own would; off: the "
         "model's own operations only.", default="auto", choices=("auto", "off"))
     append_eos: str = _flag(
