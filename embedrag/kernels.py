@@ -16,7 +16,7 @@ Profiling a MiniLM step on a 2-core AVX-512 CPU (benchmarks/profile_step.py) sho
   pass; in a Gemma-3-270M LoRA forward+backward in bf16 (2,048 tokens) the norms were ~9%
   of the time. Here one autograd function does the same arithmetic in 5 passes each way and
   keeps only the input and one scale per row, which cuts what that call keeps for backward
-  from 3.1 to 2.3 GB. A class is swapped only after a probe shows it computes what the
+  from 3.1 to 2.2 GB. A class is swapped only after a probe shows it computes what the
   module's own forward does.
 
 All apply on CPU only: GPUs have fused kernels and fast bf16 attention, so `install` leaves a
