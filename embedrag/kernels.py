@@ -29,12 +29,13 @@ sequences with attention dropout.
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 ATTENTION = "embedrag_cpu"
 
@@ -167,19 +168,27 @@ class _RMSNorm(torch.autograd.Function):
         return weight * normed.to(x.dtype)
 
     @staticmethod
+    @once_differentiable  # the backward works in place: no second derivative
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, r, weight = ctx.saved_tensors
-        wide = r.dtype
-        normed = _times(x, r, wide)                                             # (..., D)
-        scale = weight.to(wide) + 1.0 if ctx.offset else weight.to(wide)        # (D,)
-        g = _times(grad, scale, wide)                                           # (..., D)
-        dot = torch.linalg.vecdot(g, normed, dim=-1).unsqueeze(-1)              # (..., 1)
-        dx = g.addcmul_(normed, dot, value=-1.0 / x.shape[-1]).mul_(r).to(x.dtype)
-        dw = None
-        if ctx.needs_input_grad[1]:
-            seen = normed if ctx.offset else normed.to(x.dtype).to(wide)  # what w multiplied
-            dw = (grad.to(wide) * seen).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return dx, dw, None, None
+        with torch.autocast(x.device.type, enabled=False):  # vecdot would run in bf16
+            return _rms_backward(grad, x, r, weight, ctx.offset, ctx.needs_input_grad[1])
+
+
+def _rms_backward(grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                  offset: bool, weight_grad: bool) -> tuple[torch.Tensor | None, ...]:
+    """dL/dx (and dL/dw when `weight_grad`) of `_RMSNorm`, from what its forward kept."""
+    wide = r.dtype
+    normed = _times(x, r, wide)                                             # (..., D)
+    scale = weight.to(wide) + 1.0 if offset else weight.to(wide)            # (D,)
+    g = _times(grad, scale, wide)                                           # (..., D)
+    dot = torch.linalg.vecdot(g, normed, dim=-1).unsqueeze(-1)              # (..., 1)
+    dx = g.addcmul_(normed, dot, value=-1.0 / x.shape[-1]).mul_(r).to(x.dtype)
+    dw = None
+    if weight_grad:
+        seen = normed if offset else normed.to(x.dtype).to(wide)  # what w multiplied
+        dw = (grad.to(wide) * seen).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return dx, dw, None, None
 
 
 def _times(x: torch.Tensor, scale: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
@@ -196,27 +205,48 @@ RMS_NORMS = {"GemmaRMSNorm": True, "Gemma2RMSNorm": True, "Gemma3RMSNorm": True,
 
 
 def _rms_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
-    return _RMSNorm.apply(x, module.weight, eps, RMS_NORMS[type(module).__name__])
+    """A swapped norm's forward: the function above on CPU tensors, the class's own elsewhere
+    (a trained model moved to a GPU gets the GPU's kernels)."""
+    if x.device.type != "cpu":
+        return type(module).forward(module, x)
+    return _RMSNorm.apply(x, module.weight, _eps(module), RMS_NORMS[type(module).__name__])
+
+
+def _eps(module: nn.Module) -> Any:
+    return getattr(module, "eps", getattr(module, "variance_epsilon", None))
 
 
 def _agrees(module: nn.Module) -> bool:
-    """Whether `_rms_forward` gives what the module's own forward gives, on a probe drawn
-    from a private generator (the global random stream, which the dropout masks read, is left
-    alone): this transformers version might compute the class differently."""
-    if not isinstance(getattr(module, "weight", None), torch.Tensor) or not isinstance(
-            getattr(module, "eps", getattr(module, "variance_epsilon", None)), float):
+    """Whether `_rms_forward` gives what the module's own forward gives, values and input
+    gradients in fp32 and bf16: this transformers version (or a model's shipped code under a
+    known class name) might compute the class differently. Half the probe rows are at the
+    scale of eps, so a different eps shows. The probe is drawn from a private generator: the
+    global random stream, which the dropout masks read, is left alone."""
+    weight, eps = getattr(module, "weight", None), _eps(module)
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 1 and isinstance(eps, float)):
         return False
-    size = module.weight.shape[-1]
-    probe = torch.randn(3, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for dtype in (torch.float32, torch.bfloat16):
-            x = probe.to(dtype=dtype, device=module.weight.device)
-            theirs, ours = module(x), _rms_forward(module, x)
-            if theirs.dtype != ours.dtype or not torch.allclose(
-                    theirs.float(), ours.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
-                    atol=1e-5):
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.tensor([[1.0], [1.0], [eps ** 0.5], [eps ** 0.5]])                # (4, 1)
+    probe = torch.randn(4, weight.shape[0], generator=generator) * scale          # (4, D)
+    upstream = torch.randn(4, weight.shape[0], generator=generator)
+    try:
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            results = []
+            for forward in (module, functools.partial(_rms_forward, module)):
+                x = probe.to(dtype=dtype, device=weight.device).requires_grad_()
+                with torch.enable_grad():
+                    out = forward(x)
+                    (dx,) = torch.autograd.grad((out.float() * upstream).sum(), x)
+                results.append((out, dx))
+            (theirs, dtheirs), (ours, dours) = results
+            if theirs.dtype != ours.dtype or theirs.shape != ours.shape:
                 return False
+            for a, b in ((ours, theirs), (dours, dtheirs)):  # per row, relative to the row
+                a, b = a.float(), b.float()
+                if not ((a - b).abs().amax(-1) <= tolerance * b.abs().amax(-1)).all():
+                    return False
+    except Exception:  # another signature or return type: not the norm we know
+        return False
     return True
 
 
@@ -249,7 +279,7 @@ def install(model: nn.Module, device: torch.device) -> dict[str, Any]:
             if kind not in verdict:
                 verdict[kind] = _agrees(module)
             if verdict[kind]:
-                module.forward = types.MethodType(_rms_forward, module)
+                module.forward = functools.partial(_rms_forward, module)  # pickles
                 norms += 1
     done: dict[str, Any] = {"cpu_dropout_modules": swapped, "cpu_rms_norm_modules": norms}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
