@@ -1,5 +1,6 @@
-"""The CPU dropout, RMSNorm and attention compute what torch's and transformers' do, checked
-against float64 references (replaying the same dropout masks)."""
+"""The CPU dropout and attention compute what torch's do, checked against float64 references
+that replay the same dropout masks; whole models with every kernel swapped in (RMSNorm too,
+tested on its own in test_kernels_rms_norm.py) compute what they computed before."""
 
 from __future__ import annotations
 
