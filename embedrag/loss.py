@@ -97,7 +97,8 @@ def gather_ids(x: torch.Tensor) -> torch.Tensor:
 def embedding_loss(q: torch.Tensor, p: torch.Tensor, relevant: torch.Tensor,
                    passage_ids: torch.Tensor, temperature: float,
                    cross_device: bool = True, gte: bool = False,
-                   margin: float | None = None) -> torch.Tensor:
+                   margin: float | None = None,
+                   stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """InfoNCE of this process's queries against its passages, or against every process's
     passages when cross_device (and there are several processes).
 
@@ -107,9 +108,14 @@ def embedding_loss(q: torch.Tensor, p: torch.Tensor, relevant: torch.Tensor,
     against the other passages. Same-text pairs are left out: the query itself, queries whose
     positive is d_i, and the passages relevant to query i.
     margin: a candidate whose cosine is above the positive's minus `margin` is dropped rather
-    than pushed away, as a probable unlabelled positive (NV-Retriever's positive-aware
-    filtering, Moreira et al., 2024, arXiv:2407.15831; ms-swift's fake-negative mask), beside
-    the exact-text mask.
+    than pushed away, as a probable unlabelled positive, beside the exact-text mask: the rule
+    of NV-Retriever's positive-aware filtering (TopK-MarginPos, Moreira et al., 2024,
+    arXiv:2407.15831), which there filters a teacher's mined negatives, applied here to the
+    training model's in-batch scores. (ms-swift's fake-negative mask is milder: above the
+    positive plus 0.1.) It trusts the model's scores: a model that does not yet rank positives
+    first (a base LM) has its errors there, and dropping them leaves the loss little to learn
+    from. `stats`, when given, gets "margin_dropped": the share of candidates (the
+    positives aside) the margin dropped, a 0-d tensor (read without a host sync).
 
     Scaling: each process returns the mean over its own queries. Gradients reach every
     process's passages through the gather, and data-parallel training averages gradients over
@@ -143,12 +149,26 @@ def embedding_loss(q: torch.Tensor, p: torch.Tensor, relevant: torch.Tensor,
         masks += [own | shares, own | shares, mask | itself]
     if margin is not None:
         positive = cosines[0][rows, targets].detach()[:, None]              # (B, 1)
+        before = masks
         masks = [m | (c.detach() > positive - margin) for c, m in zip(cosines, masks,
                                                                        strict=True)]
         masks[0][rows, targets] = False
+        if stats is not None:
+            dropped = sum((m & ~was).sum() for m, was in zip(masks, before, strict=True))
+            open_ = sum((~was).sum() for was in before) - b                  # positives aside
+            stats["margin_dropped"] = dropped / open_.clamp(min=1)
     scores = torch.cat([c.masked_fill(m, float("-inf"))
                         for c, m in zip(cosines, masks, strict=True)], dim=1) / temperature
     return F.cross_entropy(scores, targets)
+
+
+def margin_note(margin: float, share: float) -> str:
+    """The one-line warning for a first step whose margin dropped most in-batch candidates."""
+    return (f"note: --false_negative_margin {margin} dropped {share:.0%} of the in-batch "
+            f"candidates at the first step (those scoring above their positive minus {margin}):"
+            " this model does not rank positives first yet, so those are mostly its own errors,"
+            " which the loss needs; expect it to learn little (README: \"Which loss trains the "
+            "better model\")")
 
 
 def loss_options(cfg: Any) -> dict[str, Any]:
@@ -199,7 +219,8 @@ def objective(q: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor], 
         if dim < q.shape[-1]:                       # a prefix, re-normalised
             qd, pd = F.normalize(q[:, :dim], dim=-1), F.normalize(p[:, :dim], dim=-1)
         nce = embedding_loss(qd, pd, batch["relevant_ids"], batch["passage_ids"],
-                             cfg.temperature, **loss_options(cfg))
+                             cfg.temperature, **loss_options(cfg),
+                             stats=parts if dim == q.shape[-1] else None)
         total = total + weight * nce
         parts["infonce"] += weight * nce.detach()
         if teacher is not None:
@@ -289,14 +310,15 @@ def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def forward_backward(accelerator: Any, model: Any, batch: dict[str, torch.Tensor],
                      cfg: Any, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Embed, score and backpropagate one micro-batch; returns its loss and the loss's parts."""
+    """Embed, score and backpropagate one micro-batch; returns its loss and the loss's parts
+    (and "margin_dropped", see `embedding_loss`)."""
     parts: dict[str, torch.Tensor] = {}
 
     def loss_of(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         p = p[batch["passage_index"]]  # distinct passages -> (B*G, D) slots
         if not (cfg.kd_weight or cfg.matryoshka_dims):  # plain InfoNCE
             return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
-                                  cfg.temperature, **loss_options(cfg))
+                                  cfg.temperature, **loss_options(cfg), stats=parts)
         loss, found = objective(q, p, batch, cfg)
         parts.update(found)
         return loss

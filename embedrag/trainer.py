@@ -41,7 +41,7 @@ from embedrag.loading import (
     shipped_code_errors,
 )
 from embedrag.logs import RunLogger, done_lines, eval_summary, peak_memory
-from embedrag.loss import forward_backward
+from embedrag.loss import forward_backward, margin_note
 from embedrag.mixture import training_data
 from embedrag.modeling import (
     EmbeddingModel,
@@ -301,6 +301,10 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                 loss, parts = forward_backward(accelerator, model, batch, cfg,
                                                accum / window if window < accum else 1.0)
                 nonfinite += ~torch.isfinite(loss.detach())
+                if "margin_dropped" in parts and state.step == 0 and micro == skip:
+                    share = accelerator.reduce(parts["margin_dropped"], "mean").item()
+                    if share > 0.5:
+                        say(margin_note(cfg.false_negative_margin, share))
                 if accelerator.sync_gradients:
                     # One host sync per optimizer step, agreed by all processes: a NaN on one
                     # of them stops them all at the same step.

@@ -199,6 +199,44 @@ def test_gte_and_margin_match_the_float64_definition():
     assert embedding_loss(q, p, rel, ids, 0.05, margin=0.1).item() <= plain
 
 
+def reference_dropped_share(q, p, ids, relevant, gte, margin):
+    """The share of the candidates (positives aside) that the margin drops, counted over the
+    same candidate lists as `reference_gte`."""
+    q, p = q.double(), p.double()
+    group = len(p) // len(q)
+    seen = dropped = 0
+    for i in range(len(q)):
+        t = i * group
+        pos = (q[i] @ p[t]).item()
+        scores = [(q[i] @ p[k]).item() for k in range(len(p))
+                  if k != t and ids[k] not in relevant[i]]
+        if gte:
+            others = [j for j in range(len(q)) if j != i and ids[j * group] != ids[t]]
+            scores += [(q[i] @ q[j]).item() for j in others]
+            scores += [(p[t] @ q[j]).item() for j in others]
+            scores += [(p[t] @ p[k]).item() for k in range(len(p))
+                       if k != t and ids[k] not in relevant[i]]
+        seen += len(scores)
+        dropped += sum(c > pos - margin for c in scores)
+    return dropped / seen
+
+
+def test_margin_reports_the_share_it_drops():
+    from embedrag.loss import embedding_loss
+
+    q, p, ids, rel, relevant = _gte_batch()
+    for gte in (False, True):
+        for margin in (0.0, 0.1, 0.5, 2.0):
+            stats = {}
+            embedding_loss(q, p, rel, ids, 0.05, gte=gte, margin=margin, stats=stats)
+            want = reference_dropped_share(q, p, ids.tolist(), relevant, gte, margin)
+            assert abs(stats["margin_dropped"].item() - want) < 1e-6, (gte, margin)
+    assert want == 1.0  # a margin of 2 on cosines drops every candidate
+    stats = {}
+    embedding_loss(q, p, rel, ids, 0.05, gte=True, stats=stats)
+    assert stats == {}  # no margin, nothing to report
+
+
 def test_gte_gradient_matches_float64_autograd():
     from embedrag.loss import embedding_loss
 

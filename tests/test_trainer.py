@@ -249,6 +249,20 @@ def test_one_step_run_trains(tiny_decoder, learnable_data, tmp_path):
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_a_margin_that_drops_most_candidates_is_reported(tiny_decoder, learnable_data,
+                                                          tmp_path, capsys):
+    """A first step whose score margin dropped most in-batch candidates gets a one-line note;
+    without the margin nothing is said."""
+    for margin, said in (("2.0", True), ("-1", False)):
+        code, _, _ = run_train(tiny_decoder, learnable_data, tmp_path / margin, "--epochs", "1",
+                               "--max_steps", "1", "--false_negative_margin", margin)
+        out = capsys.readouterr().out
+        assert code == 0
+        assert ("note: --false_negative_margin 2.0 dropped 100% of the in-batch candidates"
+                in out) == said, out
+        assert ("false_negative_margin" in out) == said
+
+
 def test_overwrite_replaces_only_run_files_and_never_inputs(tiny_decoder, learnable_data,
                                                              tmp_path):
     out = tmp_path / "o"
