@@ -72,9 +72,24 @@ class Dropout(nn.Dropout):
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float = 0.0,
               scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Attention for transformers' AttentionInterface: SDPA without dropout (fp32 when the
-    inputs are half precision), else softmax attention with the
-    fast dropout mask. query: (B, H, Lq, d); key, value: (B, Hkv, Lk, d); mask: bool
+    """Attention for transformers' AttentionInterface: `_packed` when the model forwards packed
+    texts' boundaries (cu_seq_lens_q), else `_attend`. Shapes as `_attend`."""
+    segments = kwargs.pop("cu_seq_lens_q", None)
+    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)
+    PACKED_CALLS["attention"] += 1
+    if segments is not None:
+        PACKED_CALLS["segments"] += 1
+        return _packed(module, query, key, value, attention_mask, segments, dropout, scaling,
+                       **kwargs)
+    return _attend(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, dropout: float = 0.0,
+            scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA without dropout (fp32 when the inputs are half precision), else softmax attention
+    with the fast dropout mask. query: (B, H, Lq, d); key, value: (B, Hkv, Lk, d); mask: bool
     (B|1, 1, Lq, Lk), True where attention is allowed. Returns (B, Lq, H, d)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
@@ -120,6 +135,65 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         out = torch.matmul(kept, value.float())                             # (B, H, Lq, d)
         out = out.mul_(1.0 / (1.0 - dropout))  # the dropout scale, on the small side
     return out.transpose(1, 2).to(dtype).contiguous(), None
+
+
+# Packed attention calls seen, and how many of them carried the segments (see `_packed`):
+# how `EmbeddingModel` checks that a model passes them through to every layer.
+PACKED_CALLS = {"attention": 0, "segments": 0}
+
+# What one more attention call costs, as the (positions x positions) entries it could compute
+# instead: segments are grouped so that sum(count * longest**2) + this per group is least.
+GROUP_OVERHEAD = 128 * 128
+
+
+def _packed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, segments: torch.Tensor, dropout: float,
+            scaling: float | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention over packed texts: the row holds S texts one after another with no padding,
+    text i at positions segments[i]:segments[i + 1] (flash-attention's cu_seqlens), and no
+    text attends to another.
+
+    query: (1, H, T, d); key, value: (1, Hkv, T, d); attention_mask: None (each text sees
+    all of itself, or its past if the layer is causal) or bool (1, 1, T, T), the
+    block-diagonal mask transformers builds from packed position ids (causal, sliding window,
+    bidirectional: whatever the layer has). Texts of similar length are gathered into padded
+    groups and each group goes through `attention`; the padding costs attention only, the
+    small part of a layer, and never the linear layers. Returns (1, T, H, d)."""
+    from embedrag.modeling import cheapest_groups
+
+    total = query.shape[2]
+    bounds = segments.tolist()
+    lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0  # additive: 0 where allowed
+    causal = _causal(module, kwargs)
+    outs, places = [], []
+    groups = cheapest_groups(lengths, lambda count, widest: count * widest ** 2 + GROUP_OVERHEAD)
+    for group in groups:
+        group = [i for i in group if lengths[i] > 0]
+        if not group:
+            continue
+        start = segments[group].to(query.device, torch.long)              # (n,)
+        length = torch.tensor([lengths[i] for i in group], device=query.device)  # (n,)
+        width = int(length.max())
+        col = torch.arange(width, device=query.device)                   # (W,)
+        real = col < length[:, None]                                     # (n, W)
+        # padding repeats the text's last position, whose row of the mask is never empty
+        at = start[:, None] + torch.minimum(col, length[:, None] - 1)    # (n, W)
+        if attention_mask is not None:
+            allowed = attention_mask[0, 0][at[:, :, None], at[:, None, :]]  # (n, W, W)
+        elif causal:
+            allowed = torch.ones(width, width, dtype=torch.bool, device=query.device).tril()
+        else:
+            allowed = torch.ones((), dtype=torch.bool, device=query.device)
+        allowed = (allowed & real[:, None, :]).unsqueeze(1)              # (n, 1, W, W)
+        q, k, v = (t[0][:, at].transpose(0, 1) for t in (query, key, value))  # (n, H, W, d)
+        out, _ = _attend(module, q, k, v, allowed, dropout, scaling, **kwargs)  # (n, W, H, d)
+        outs.append(out[real])                                           # (m, H, d)
+        places.append(at[real])                                          # (m,)
+    order = torch.argsort(torch.cat(places))
+    assert len(order) == total, "packed segments must cover the row"
+    return torch.cat(outs)[order].unsqueeze(0), None                     # (1, T, H, d)
 
 
 def _causal(module: nn.Module, kwargs: dict[str, Any]) -> bool:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedrag.data import pad, tokenize
+from embedrag.kernels import ATTENTION, PACKED_CALLS
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,22 +53,52 @@ POOLERS = {"last": last_token_pool, "mean": mean_pool, "cls": cls_pool}
 BUCKET_OVERHEAD = {"cpu": 32, "default": 8192}
 
 
+# Tokens packed into one row at most. Causal models get a (T, T) mask from transformers for a
+# packed row (and a T x T int64 on the way for sliding windows): 4096 keeps that near 130 MB,
+# while a training batch of a few thousand tokens still goes in one call.
+PACK_TOKENS = 4096
+
+
 @dataclass
 class Bucket:
     rows: list[int]              # rows of the batch, shortest first
     window: tuple[int, int]      # the columns holding all their real tokens
 
 
+def cheapest_groups(sizes: Sequence[int], cost: Callable[[Any, int], Any]) -> list[list[int]]:
+    """Indices of `sizes` in groups that minimise the sum of `cost(count, largest)` over the
+    groups, each group in ascending size. `cost` takes a NumPy array of counts.
+
+    Dynamic programming over the sizes sorted ascending: for any cost that grows with the
+    count and the largest size, an optimal grouping is contiguous in that order."""
+    import numpy as np
+
+    a = np.asarray(sizes, dtype=np.int64)
+    order = np.argsort(a, kind="stable")
+    a = a[order]
+    n = len(a)
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):  # best[j]: cheapest grouping of the j smallest
+        total = best[:j] + cost(j - np.arange(j), int(a[j - 1]))
+        start[j] = int(total.argmin())
+        best[j] = total[start[j]]
+    cuts, j = [], n
+    while j > 0:
+        cuts.append((int(start[j]), j))
+        j = int(start[j])
+    return [order[i:j].tolist() for i, j in reversed(cuts)]
+
+
 def length_buckets(mask: torch.Tensor, overhead: int | None = None) -> list[Bucket]:
     """Split a padded batch (mask (N, L), 1 on real tokens) into groups of rows of similar
     length, each computed on its own columns only.
 
-    The grouping minimises (positions computed, padding included) + `overhead` per group, by
-    dynamic programming over the rows sorted by length (an optimal grouping is contiguous in
-    that order); `overhead` defaults to BUCKET_OVERHEAD for the mask's device. This is what
-    padding-free (varlen) attention buys on a GPU, with kernels every backend has: the
+    The grouping minimises (positions computed, padding included) + `overhead` per group
+    (`cheapest_groups`); `overhead` defaults to BUCKET_OVERHEAD for the mask's device. The
     transformer sees no padding beyond its bucket's, while the batch — and so the in-batch
-    negatives — stays the same."""
+    negatives — stays the same. Models that can take packed rows need no buckets at all
+    (`EmbeddingModel.packs`)."""
     import numpy as np
 
     if overhead is None:
@@ -80,28 +111,8 @@ def length_buckets(mask: torch.Tensor, overhead: int | None = None) -> list[Buck
     first = np.where(real, m.argmax(1), 0)                               # (N,)
     last = np.where(real, width - 1 - m[:, ::-1].argmax(1), 0)           # (N,)
     span = last - first + 1
-    order = np.argsort(span, kind="stable")
-    a = span[order]                                                      # ascending widths
-    best = np.zeros(n + 1)
-    start = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):  # best[j]: cheapest grouping of the j shortest rows
-        cost = best[:j] + (j - np.arange(j)) * a[j - 1] + overhead
-        start[j] = int(cost.argmin())
-        best[j] = cost[start[j]]
-    cuts, j = [], n
-    while j > 0:
-        cuts.append((int(start[j]), j))
-        j = int(start[j])
-    buckets = []
-    for i, j in reversed(cuts):
-        rows = order[i:j]
-        buckets.append(Bucket(rows.tolist(), (int(first[rows].min()), int(last[rows].max()) + 1)))
-    return buckets
-
-
-def computed_positions(mask: torch.Tensor) -> int:
-    """Token positions `EmbeddingModel` computes for this padded batch (padding included)."""
-    return sum(len(b.rows) * (b.window[1] - b.window[0]) for b in length_buckets(mask))
+    groups = cheapest_groups(span.tolist(), lambda count, widest: count * widest + overhead)
+    return [Bucket(g, (int(first[g].min()), int(last[g].max()) + 1)) for g in groups]
 
 
 @dataclass
@@ -133,14 +144,17 @@ class EmbeddingModel(nn.Module):
         self.pooling = pooling
         self.head = head
         self.head_names = list(head_names or [])
+        self._packing: bool | None = None  # decided at the first batch (`packs`)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) token ids and mask, padded to the batch's longest text -> (N, D) embeddings.
 
-        The rows are embedded a length bucket at a time (`length_buckets`), each bucket cut to
-        its own longest text, so the padding the batch carries is not computed on. A text's
-        embedding does not depend on the padding around it, so the result — and its gradient —
-        is the padded batch's, row for row."""
+        Padding is not computed on: the texts are packed into one row (`packs`), else embedded
+        a length bucket at a time (`length_buckets`), each bucket cut to its own longest text.
+        A text's embedding does not depend on the padding around it, so the result — and its
+        gradient — is the padded batch's, row for row."""
+        if self.packs(attention_mask):
+            return self._embed_packed(input_ids, attention_mask)
         buckets = length_buckets(attention_mask)
         if len(buckets) == 1 and buckets[0].window == (0, attention_mask.shape[1]):
             return self._embed(input_ids, attention_mask)
@@ -152,8 +166,95 @@ class EmbeddingModel(nn.Module):
         order = torch.tensor([i for b in buckets for i in b.rows], device=input_ids.device)
         return torch.cat(out)[torch.argsort(order)]                      # (N, D), input order
 
+    def computed_positions(self, mask: torch.Tensor) -> int:
+        """Token positions `forward` computes for this padded batch (padding included)."""
+        if self.packs(mask):
+            return int(mask.sum())
+        return sum(len(b.rows) * (b.window[1] - b.window[0]) for b in length_buckets(mask))
+
+    def packs(self, mask: torch.Tensor) -> bool:
+        """Whether `forward` packs this batch's texts into rows with no padding at all.
+
+        Packing needs an attention that keeps the texts of a row apart: EmbedRAG's CPU
+        attention (`kernels.install`) reads their boundaries from the `cu_seq_lens_q` the
+        model passes to every layer, as transformers' models pass flash-attention's. Whether
+        this model does — and takes per-text `position_ids` — is checked once, on two short
+        texts embedded packed and apart (`_packing_agrees`)."""
+        config = getattr(self.backbone, "config", None)
+        if (mask.device.type != "cpu" or mask.numel() == 0 or not bool(mask.any(1).all())
+                or getattr(config, "_attn_implementation", None) != ATTENTION):
+            return False
+        if self._packing is None:
+            self._packing = self._packing_agrees()
+        return self._packing
+
+    def _packing_agrees(self) -> bool:
+        """Two texts of 7 and 3 random tokens, embedded packed and one at a time in eval mode
+        (no dropout; the random stream is left as it was), agree, and every attention call
+        of the packed pass saw the texts' boundaries."""
+        vocab = self.backbone.get_input_embeddings().num_embeddings
+        device = next(self.parameters()).device
+        ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+        mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4])
+        ids, mask = ids.to(device), mask.to(device)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                apart = torch.cat([self._embed(ids[i:i + 1, :n], mask[i:i + 1, :n])
+                                   for i, n in enumerate((7, 3))])        # (2, D)
+                before = dict(PACKED_CALLS)
+                packed = self._embed_packed(ids, mask)                    # (2, D)
+        except Exception:  # a model whose forward refuses the packed arguments
+            return False
+        finally:
+            self.train(was_training)
+        calls = PACKED_CALLS["attention"] - before["attention"]
+        marked = PACKED_CALLS["segments"] - before["segments"]
+        half = torch.is_autocast_enabled(device.type) or any(
+            p.dtype in (torch.float16, torch.bfloat16) for p in self.parameters())
+        return calls > 0 and marked == calls and bool(
+            (apart - packed).abs().max() <= (2e-2 if half else 1e-4))
+
+    def _embed_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The rows' real tokens one after another in one row, each text with its own
+        positions from 0, and their boundaries for the attention; pooled as `_embed` pools.
+        Without a cache (use_cache=False), transformers reads the position ids as packed
+        texts and builds its mask block by block, which `kernels._packed` cuts the texts'
+        own masks from. Rows of more than PACK_TOKENS tokens in all go in several calls."""
+        lengths = attention_mask.sum(1).tolist()
+        chunks, start, used = [], 0, 0
+        for i, n in enumerate(lengths):
+            if used and used + n > PACK_TOKENS:
+                chunks.append((start, i))
+                start, used = i, 0
+            used += n
+        chunks.append((start, len(lengths)))
+        return torch.cat([self._embed_row(input_ids[a:b], attention_mask[a:b])
+                          for a, b in chunks])                            # (N, D)
+
+    def _embed_row(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.bool()                                      # (N, L)
+        lengths = mask.sum(1)                                             # (N,)
+        bounds = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)         # (N + 1,)
+        total = int(bounds[-1])
+        positions = (torch.arange(total, device=mask.device)
+                     - bounds[:-1].repeat_interleave(lengths))            # (T,)
+        widest = int(lengths.max())
+        hidden = self.backbone(
+            input_ids=input_ids[mask][None], position_ids=positions[None],
+            cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=widest,
+            max_length_k=widest, use_cache=False).last_hidden_state[0]    # (T, H)
+        padded = hidden.new_zeros((*mask.shape, hidden.shape[-1]))        # (N, L, H)
+        padded = padded.index_put((*mask.nonzero(as_tuple=True),), hidden)
+        return self._finish(padded, attention_mask)
+
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._finish(hidden, attention_mask)
+
+    def _finish(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, L, H) token states -> pooled, the Dense head, L2-normalised: (N, D) float32."""
         pooled = POOLERS[self.pooling](hidden, attention_mask)            # (N, H)
         if self.head is not None:
             pooled = self.head(pooled.to(next(self.head.parameters()).dtype))  # (N, D)

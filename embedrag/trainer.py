@@ -46,7 +46,6 @@ from embedrag.mixture import training_data
 from embedrag.modeling import (
     EmbeddingModel,
     EmbedSettings,
-    computed_positions,
     count_parameters,
     embedding_width,
     freeze_unreached,
@@ -180,6 +179,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
     # fp16's GradScaler lets a fused step skip itself, and Accelerate would then not see the
     # skip (and would step the schedule): fused only without fp16.
     optimizer = make_optimizer(model, cfg, fused=not sharded and cfg.mixed_precision != "fp16")
+    embedder = model  # the module itself, inside whatever Accelerate wraps it in
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accum = cfg.gradient_accumulation_steps
     batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's length is unknown
@@ -318,11 +318,11 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             state.micro, state.samples, state.window_samples = (
                 micro + 1, state.samples + n, state.window_samples + n)
             # Tokens are counted on the device and read back only when logging; the positions
-            # computed come from the length buckets, planned on the host from the masks.
+            # computed (packed, or in length buckets) are known on the host from the masks.
             sums.tokens += batch["query_attention_mask"].sum()
             sums.tokens += batch["passage_attention_mask"].sum()
-            state.slots += world * (computed_positions(batch["query_attention_mask"])
-                                    + computed_positions(batch["passage_attention_mask"]))
+            state.slots += world * (embedder.computed_positions(batch["query_attention_mask"])
+                                    + embedder.computed_positions(batch["passage_attention_mask"]))
             sums.window_loss += loss.detach()
             for i, name in enumerate(PARTS):
                 if name in parts:

@@ -1,0 +1,213 @@
+"""Packed batches (modeling.EmbeddingModel.packs, kernels._packed): the texts of a batch go
+through the transformer in one row with no padding, and every embedding and every gradient is
+the one stock transformers computes for the padded batch. The models run in float64; only the
+last step, the float32 normalisation every embedding ends with, limits the agreement (~1e-7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from embedrag import kernels, modeling
+from embedrag.data import pad, tokenize
+from embedrag.modeling import EmbeddingModel, load_tokenizer, mean_pool
+
+TEXTS = ["apple", "banana cherry delta eagle", "tiger lion", "the river near the zebra x y",
+         "z", "apple banana", "eagle tiger river zebra apple banana cherry"]
+
+
+def batch(path: str, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = load_tokenizer(path)
+    return pad(tokenize(tok, TEXTS, 32, pooling == "last"), tok.pad_token_id, tok.padding_side)
+
+
+def stock(path: str, **config) -> torch.nn.Module:
+    """The backbone as transformers computes it: its own SDPA attention, nothing swapped."""
+    return AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float64,
+                                     **config)
+
+
+def packed_model(path: str, pooling: str, **config) -> EmbeddingModel:
+    backbone = stock(path, **config)
+    assert kernels.install(backbone, torch.device("cpu"))["cpu_attention"]
+    return EmbeddingModel(backbone, pooling).eval()
+
+
+def padded_reference(backbone, ids, mask, pooling) -> torch.Tensor:
+    """One padded call, pooled by hand: the last real token, or the mean of the real ones;
+    normalised in float32 as EmbeddingModel's embeddings are."""
+    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state      # (N, L, H)
+    if pooling == "mean":
+        pooled = mean_pool(hidden, mask)
+    else:
+        last = (mask * torch.arange(mask.shape[1])).argmax(1)
+        pooled = hidden[torch.arange(len(ids)), last]
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Gradients agree to 1e-6 of their largest element: what the float32 normalisation's
+    backward pass leaves of float64 (a wrong attention is off by 1e-2 and more)."""
+    return bool((a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12)  # key biases: 0 + noise
+
+
+def outputs_and_grads(fn, params, target):
+    for p in params:
+        p.grad = None
+    out = fn()
+    (out * target).sum().backward()
+    return out.detach(), [None if p.grad is None else p.grad.clone() for p in params]
+
+
+CASES = [("tiny_encoder", "mean", {}), ("tiny_decoder", "last", {}),
+         ("tiny_decoder_left", "last", {}),
+         # a sliding window of 4 tokens on one layer, shorter than most texts here
+         ("tiny_gemma3", "last", {}),
+         ("tiny_gemma3", "mean", {"use_bidirectional_attention": True})]
+
+
+@pytest.mark.parametrize(("fixture", "pooling", "config"), CASES)
+def test_packed_batch_has_the_padded_batchs_embeddings_and_gradients(fixture, pooling, config,
+                                                                     request):
+    path = request.getfixturevalue(fixture)
+    ids, mask = batch(path, pooling)
+    model = packed_model(path, pooling, **config)
+    reference = stock(path, **config).eval()
+    assert model.packs(mask)
+    target = torch.randn(len(TEXTS), model.backbone.config.hidden_size, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    before = dict(kernels.PACKED_CALLS)
+    out, grads = outputs_and_grads(lambda: model(ids, mask), list(model.parameters()), target)
+    layers = model.backbone.config.num_hidden_layers
+    assert kernels.PACKED_CALLS["segments"] - before["segments"] == layers  # one call a layer
+    ref, ref_grads = outputs_and_grads(lambda: padded_reference(reference, ids, mask, pooling),
+                                       list(reference.parameters()), target)
+    assert torch.allclose(out, ref, atol=2e-7, rtol=0)
+    assert sum(g is not None for g in grads) > 10
+    for a, b in zip(grads, ref_grads, strict=True):  # BERT's pooler gets none in either
+        assert (a is None and b is None) or close(a, b)
+    assert model.computed_positions(mask) == int(mask.sum()) < mask.numel()
+
+
+def test_packed_attention_is_each_texts_own_attention_by_hand():
+    """kernels.attention given texts' boundaries: float64 softmax attention per text, causal
+    and not, with grouped key/value heads and a transformers-style block mask."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self, causal):
+            super().__init__()
+            self.is_causal = causal
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 1, 9, 3, 9, 2]
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total, heads, kv_heads, d = sum(lengths), 4, 2, 8
+    q = torch.randn(1, heads, total, d, dtype=torch.float64, generator=gen)
+    k = torch.randn(1, kv_heads, total, d, dtype=torch.float64, generator=gen)
+    v = torch.randn(1, kv_heads, total, d, dtype=torch.float64, generator=gen)
+    text = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (T,)
+    pos = torch.arange(total) - bounds[:-1].long().repeat_interleave(torch.tensor(lengths))
+    same = text[:, None] == text[None, :]
+    window = (pos[:, None] - pos[None, :]) < 3                        # a sliding window of 3
+    for causal, mask in ((False, None), (True, None),
+                         (True, (same & (pos[:, None] >= pos[None, :]) & window)[None, None])):
+        out, _ = kernels.attention(Layer(causal), q, k, v, mask, scaling=0.3,
+                                   cu_seq_lens_q=bounds, cu_seq_lens_k=bounds)
+        allowed = same.clone() if mask is None else mask[0, 0]
+        if causal:
+            allowed &= pos[:, None] >= pos[None, :]
+        kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        scores = (q @ kk.transpose(2, 3)) * 0.3
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        expected = (probs @ vv).transpose(1, 2)                       # (1, T, H, d)
+        assert out.shape == (1, total, heads, d)
+        assert torch.allclose(out, expected, atol=1e-12, rtol=0)
+
+
+def test_rows_beyond_pack_tokens_go_in_several_packed_calls(tiny_decoder, monkeypatch):
+    ids, mask = batch(tiny_decoder, "last")
+    model = packed_model(tiny_decoder, "last")
+    whole = model(ids, mask)
+    monkeypatch.setattr(modeling, "PACK_TOKENS", 12)
+    calls = []
+    real = model._embed_row
+    monkeypatch.setattr(model, "_embed_row",
+                        lambda i, m: calls.append((len(m), int(m.sum()))) or real(i, m))
+    assert torch.allclose(model(ids, mask), whole, atol=1e-12, rtol=0)
+    assert sum(rows for rows, _ in calls) == len(TEXTS) and len(calls) > 2
+    assert sum(tokens for _, tokens in calls) == int(mask.sum())
+    assert all(tokens <= 12 or rows == 1 for rows, tokens in calls)
+
+
+def test_a_model_that_does_not_pass_the_boundaries_on_is_not_packed(tiny_encoder, monkeypatch):
+    """BERT attends to the whole row unless the boundaries reach its attention; a model that
+    drops them (shipped code, say) is found out by the probe and embeds in length buckets."""
+    ids, mask = batch(tiny_encoder, "mean")
+    model = packed_model(tiny_encoder, "mean")
+    forward = model.backbone.forward
+
+    def drops_them(*args, **kwargs):
+        kwargs.pop("cu_seq_lens_q", None)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.backbone, "forward", drops_them)
+    assert not model.packs(mask)
+    reference = stock(tiny_encoder).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids, mask), padded_reference(reference, ids, mask, "mean"),
+                              atol=2e-7, rtol=0)
+    assert model.computed_positions(mask) > int(mask.sum())  # buckets carry some padding
+
+
+def test_the_probe_leaves_the_random_stream_and_the_mode_alone(tiny_encoder):
+    ids, mask = batch(tiny_encoder, "mean")
+    model = packed_model(tiny_encoder, "mean").train()
+    torch.manual_seed(5)
+    assert model.packs(mask)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3)) and model.training
+
+
+def test_packing_only_with_embedrags_cpu_attention(tiny_decoder):
+    ids, mask = batch(tiny_decoder, "last")
+    model = EmbeddingModel(stock(tiny_decoder), "last")          # transformers' own SDPA
+    assert not model.packs(mask)
+    assert not packed_model(tiny_decoder, "last").packs(mask[:, :0])  # nothing to embed
+
+
+def test_packed_training_step_with_checkpointing_and_lora(tiny_decoder):
+    """Activation checkpointing recomputes each layer in the backward pass: the boundaries
+    must reach the attention again there. LoRA (PEFT) passes them through its own forward."""
+    from peft import LoraConfig, get_peft_model
+
+    ids, mask = batch(tiny_decoder, "last")
+    target = torch.randn(len(TEXTS), 64, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(2))
+    results = []
+    for checkpointing in (False, True):
+        backbone = stock(tiny_decoder)
+        if checkpointing:
+            backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            backbone.enable_input_require_grads()
+        torch.manual_seed(0)
+        backbone = get_peft_model(backbone, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False))
+        kernels.install(backbone, torch.device("cpu"))
+        model = EmbeddingModel(backbone, "last").train()
+        assert model.packs(mask)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append(outputs_and_grads(lambda m=model: m(ids, mask), params, target))
+    reference = stock(tiny_decoder)
+    torch.manual_seed(0)
+    reference = get_peft_model(reference, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False)).train()
+    params = [p for p in reference.parameters() if p.requires_grad]
+    ref, ref_grads = outputs_and_grads(
+        lambda: padded_reference(reference, ids, mask, "last"), params, target)
+    for out, grads in results:
+        assert torch.allclose(out, ref, atol=2e-7, rtol=0)
+        for a, b in zip(grads, ref_grads, strict=True):
+            assert close(a, b)
