@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What a length bucket costs: one forward+backward call of the real model, fitted, and what
-that says about the bucket plan's per-call overhead (embedrag.modeling.BUCKET_OVERHEAD).
+that says about the bucket plan's per-call overhead (embedrag.packing.BUCKET_OVERHEAD).
 
     python benchmarks/bucket_cost.py --job gemma --precision bf16
     python benchmarks/bucket_cost.py --job minilm --precision fp32
@@ -87,7 +87,8 @@ def main() -> None:
 
     from embedrag.config import parse_args
     from embedrag.loading import load_backbone, lora_input_casts
-    from embedrag.modeling import EmbeddingModel, length_buckets, load_tokenizer, resolve_append_eos
+    from embedrag.modeling import EmbeddingModel, load_tokenizer, resolve_append_eos
+    from embedrag.packing import length_buckets
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--job", choices=sorted(JOBS), default="gemma")

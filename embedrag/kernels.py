@@ -159,7 +159,7 @@ def _packed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
     bidirectional: whatever the layer has). Texts of similar length are gathered into padded
     groups and each group goes through `attention`; the padding costs attention only, the
     small part of a layer, and never the linear layers. Returns (1, T, H, d)."""
-    from embedrag.modeling import cheapest_groups
+    from embedrag.packing import cheapest_groups
 
     total = query.shape[2]
     bounds = segments.tolist()

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedrag import packing
 from embedrag.data import pad, tokenize
 from embedrag.kernels import ATTENTION, PACKED_CALLS
+from embedrag.packing import length_buckets, pack_chunks
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -46,74 +48,6 @@ def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 POOLERS = {"last": last_token_pool, "mean": mean_pool, "cls": cls_pool}
-
-# What one more forward+backward call costs, in token positions computed (padding included).
-# On a CPU a position of all-MiniLM-L6-v2 costs ~0.3 ms against ~10 ms for a call's own
-# overhead (benchmarks/profile_step.py); a GPU runs thousands of positions in a call's time.
-BUCKET_OVERHEAD = {"cpu": 32, "default": 8192}
-
-
-# Tokens packed into one row at most. Causal models get a (T, T) mask from transformers for a
-# packed row (and a T x T int64 on the way for sliding windows): 4096 keeps that near 130 MB,
-# while a training batch of a few thousand tokens still goes in one call.
-PACK_TOKENS = 4096
-
-
-@dataclass
-class Bucket:
-    rows: list[int]              # rows of the batch, shortest first
-    window: tuple[int, int]      # the columns holding all their real tokens
-
-
-def cheapest_groups(sizes: Sequence[int], cost: Callable[[Any, int], Any]) -> list[list[int]]:
-    """Indices of `sizes` in groups that minimise the sum of `cost(count, largest)` over the
-    groups, each group in ascending size. `cost` takes a NumPy array of counts.
-
-    Dynamic programming over the sizes sorted ascending: for any cost that grows with the
-    count and the largest size, an optimal grouping is contiguous in that order."""
-    import numpy as np
-
-    a = np.asarray(sizes, dtype=np.int64)
-    order = np.argsort(a, kind="stable")
-    a = a[order]
-    n = len(a)
-    best = np.zeros(n + 1)
-    start = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):  # best[j]: cheapest grouping of the j smallest
-        total = best[:j] + cost(j - np.arange(j), int(a[j - 1]))
-        start[j] = int(total.argmin())
-        best[j] = total[start[j]]
-    cuts, j = [], n
-    while j > 0:
-        cuts.append((int(start[j]), j))
-        j = int(start[j])
-    return [order[i:j].tolist() for i, j in reversed(cuts)]
-
-
-def length_buckets(mask: torch.Tensor, overhead: int | None = None) -> list[Bucket]:
-    """Split a padded batch (mask (N, L), 1 on real tokens) into groups of rows of similar
-    length, each computed on its own columns only.
-
-    The grouping minimises (positions computed, padding included) + `overhead` per group
-    (`cheapest_groups`); `overhead` defaults to BUCKET_OVERHEAD for the mask's device. The
-    transformer sees no padding beyond its bucket's, while the batch — and so the in-batch
-    negatives — stays the same. Models that can take packed rows need no buckets at all
-    (`EmbeddingModel.packs`)."""
-    import numpy as np
-
-    if overhead is None:
-        overhead = BUCKET_OVERHEAD.get(mask.device.type, BUCKET_OVERHEAD["default"])
-    m = mask.detach().to("cpu", torch.bool).numpy()                     # (N, L)
-    n, width = m.shape
-    if n == 0:
-        return [Bucket([], (0, width))]
-    real = m.any(1)
-    first = np.where(real, m.argmax(1), 0)                               # (N,)
-    last = np.where(real, width - 1 - m[:, ::-1].argmax(1), 0)           # (N,)
-    span = last - first + 1
-    groups = cheapest_groups(span.tolist(), lambda count, widest: count * widest + overhead)
-    return [Bucket(g, (int(first[g].min()), int(last[g].max()) + 1)) for g in groups]
-
 
 @dataclass
 class EmbedSettings:
@@ -222,14 +156,7 @@ class EmbeddingModel(nn.Module):
         Without a cache (use_cache=False), transformers reads the position ids as packed
         texts and builds its mask block by block, which `kernels._packed` cuts the texts'
         own masks from. Rows of more than PACK_TOKENS tokens in all go in several calls."""
-        lengths = attention_mask.sum(1).tolist()
-        chunks, start, used = [], 0, 0
-        for i, n in enumerate(lengths):
-            if used and used + n > PACK_TOKENS:
-                chunks.append((start, i))
-                start, used = i, 0
-            used += n
-        chunks.append((start, len(lengths)))
+        chunks = pack_chunks(attention_mask.sum(1).tolist(), packing.PACK_TOKENS)
         return torch.cat([self._embed_row(input_ids[a:b], attention_mask[a:b])
                           for a, b in chunks])                            # (N, D)
 

@@ -87,46 +87,6 @@ def test_encode_matches_unbatched_forward_in_input_order(tiny_decoder_left):
     assert torch.allclose(batched.norm(dim=1), torch.ones(4), atol=1e-6)
 
 
-def _partitions(items):
-    """Every set partition of `items` (the brute-force reference for length_buckets)."""
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for part in _partitions(rest):
-        for i in range(len(part)):
-            yield [*part[:i], [first, *part[i]], *part[i + 1:]]
-        yield [[first], *part]
-
-
-def test_length_buckets_are_the_cheapest_grouping_and_cover_every_real_token():
-    from embedrag.modeling import length_buckets
-
-    def computed_positions(mask):
-        return sum(len(b.rows) * (b.window[1] - b.window[0]) for b in length_buckets(mask))
-
-    gen = torch.Generator().manual_seed(3)
-    for trial in range(30):
-        n, width = 7, 40
-        lengths = torch.randint(1, width + 1, (n,), generator=gen).tolist()
-        overhead = [0, 5, 30, 1000][trial % 4]
-        side = "left" if trial % 2 else "right"
-        mask = torch.tensor([[0] * (width - k) + [1] * k if side == "left"
-                             else [1] * k + [0] * (width - k) for k in lengths])
-        buckets = length_buckets(mask, overhead)
-        assert sorted(i for b in buckets for i in b.rows) == list(range(n))
-        for b in buckets:  # the window holds every real token of its rows
-            lo, hi = b.window
-            assert mask[b.rows, lo:hi].sum() == sum(lengths[i] for i in b.rows)
-        cost = sum(len(b.rows) * (b.window[1] - b.window[0]) + overhead for b in buckets)
-        best = min(sum(len(g) * max(lengths[i] for i in g) + overhead for g in part)
-                   for part in _partitions(list(range(n))))
-        assert cost == best
-    mask = torch.tensor([[1] * 100, [1] * 99 + [0], [1] * 2 + [0] * 98, [1] + [0] * 99])
-    assert computed_positions(mask) == 2 * 100 + 2 * 2  # 400 padded, or 204 + one overhead
-    assert computed_positions(mask[:, :10]) == 4 * 10  # saving 16 is not worth a call
-
-
 def _padded_reference(model, ids, mask, pooling):
     """The embedding of a padded batch computed in one call, by hand: backbone, pool, normalise."""
     hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -138,17 +98,17 @@ def test_bucketed_forward_has_the_padded_batchs_embeddings_and_gradients(
         tiny_encoder, tiny_decoder_left, monkeypatch):
     from transformers import AutoModel
 
-    from embedrag import modeling
+    from embedrag import packing
     from embedrag.data import pad, tokenize
 
-    monkeypatch.setitem(modeling.BUCKET_OVERHEAD, "cpu", 0)  # a bucket per distinct length
+    monkeypatch.setitem(packing.BUCKET_OVERHEAD, "cpu", 0)  # a bucket per distinct length
     texts = ["apple", "banana cherry delta eagle", "tiger lion", "the river near the zebra x y",
              "z", "apple banana"]
     for path, pooling in ((tiny_encoder, "mean"), (tiny_decoder_left, "last")):
         tok = load_tokenizer(path)
         ids, mask = pad(tokenize(tok, texts, 32, pooling == "last"), tok.pad_token_id,
                         tok.padding_side)
-        assert len(modeling.length_buckets(mask)) > 2
+        assert len(packing.length_buckets(mask)) > 2
         model = EmbeddingModel(AutoModel.from_pretrained(path, attn_implementation="sdpa"),
                                pooling).eval()
         target = torch.randn(len(texts), model.backbone.config.hidden_size,

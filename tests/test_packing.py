@@ -1,4 +1,5 @@
-"""Packed batches (modeling.EmbeddingModel.packs, kernels._packed): the texts of a batch go
+"""Length buckets are the cheapest grouping; packed batches (EmbeddingModel.packs,
+kernels._packed): the texts of a batch go
 through the transformer in one row with no padding, and every embedding and every gradient is
 the one stock transformers computes for the padded batch. The models run in float64; only the
 last step, the float32 normalisation every embedding ends with, limits the agreement (~1e-7)."""
@@ -9,9 +10,10 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from embedrag import kernels, modeling
+from embedrag import kernels, packing
 from embedrag.data import pad, tokenize
 from embedrag.modeling import EmbeddingModel, load_tokenizer, mean_pool
+from embedrag.packing import length_buckets
 
 TEXTS = ["apple", "banana cherry delta eagle", "tiger lion", "the river near the zebra x y",
          "z", "apple banana", "eagle tiger river zebra apple banana cherry"]
@@ -58,6 +60,45 @@ def outputs_and_grads(fn, params, target):
     out = fn()
     (out * target).sum().backward()
     return out.detach(), [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def _partitions(items):
+    """Every set partition of `items` (the brute-force reference for length_buckets)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1:]]
+        yield [[first], *part]
+
+
+def test_length_buckets_are_the_cheapest_grouping_and_cover_every_real_token():
+
+    def computed_positions(mask):
+        return sum(len(b.rows) * (b.window[1] - b.window[0]) for b in length_buckets(mask))
+
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(30):
+        n, width = 7, 40
+        lengths = torch.randint(1, width + 1, (n,), generator=gen).tolist()
+        overhead = [0, 5, 30, 1000][trial % 4]
+        side = "left" if trial % 2 else "right"
+        mask = torch.tensor([[0] * (width - k) + [1] * k if side == "left"
+                             else [1] * k + [0] * (width - k) for k in lengths])
+        buckets = length_buckets(mask, overhead)
+        assert sorted(i for b in buckets for i in b.rows) == list(range(n))
+        for b in buckets:  # the window holds every real token of its rows
+            lo, hi = b.window
+            assert mask[b.rows, lo:hi].sum() == sum(lengths[i] for i in b.rows)
+        cost = sum(len(b.rows) * (b.window[1] - b.window[0]) + overhead for b in buckets)
+        best = min(sum(len(g) * max(lengths[i] for i in g) + overhead for g in part)
+                   for part in _partitions(list(range(n))))
+        assert cost == best
+    mask = torch.tensor([[1] * 100, [1] * 99 + [0], [1] * 2 + [0] * 98, [1] + [0] * 99])
+    assert computed_positions(mask) == 2 * 100 + 2 * 2  # 400 padded, or 204 + one overhead
+    assert computed_positions(mask[:, :10]) == 4 * 10  # saving 16 is not worth a call
 
 
 CASES = [("tiny_encoder", "mean", {}), ("tiny_decoder", "last", {}),
@@ -129,7 +170,7 @@ def test_rows_beyond_pack_tokens_go_in_several_packed_calls(tiny_decoder, monkey
     ids, mask = batch(tiny_decoder, "last")
     model = packed_model(tiny_decoder, "last")
     whole = model(ids, mask)
-    monkeypatch.setattr(modeling, "PACK_TOKENS", 12)
+    monkeypatch.setattr(packing, "PACK_TOKENS", 12)
     calls = []
     real = model._embed_row
     monkeypatch.setattr(model, "_embed_row",
