@@ -159,15 +159,20 @@ def _packed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
     bidirectional: whatever the layer has). Texts of similar length are gathered into padded
     groups and each group goes through `attention`; the padding costs attention only, the
     small part of a layer, and never the linear layers. Returns (1, T, H, d)."""
+    from torch.nn.utils.rnn import pad_sequence
+
     from embedrag.packing import cheapest_groups
 
-    total = query.shape[2]
     bounds = segments.tolist()
     lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert bounds[0] == 0 and bounds[-1] == query.shape[2], "the texts must fill the row"
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask == 0  # additive: 0 where allowed
     causal = _causal(module, kwargs)
-    outs, places = [], []
+    # Texts as views (l, H, d): split, padding and slicing have backward passes that copy
+    # slices, where gathering by index would scatter-add (4.5% of a Gemma step).
+    texts = [t[0].transpose(0, 1).split(lengths) for t in (query, key, value)]
+    pieces: dict[int, torch.Tensor] = {}
     groups = cheapest_groups(lengths, lambda count, widest: count * widest ** 2 + GROUP_OVERHEAD)
     for group in groups:
         group = [i for i in group if lengths[i] > 0]
@@ -178,22 +183,21 @@ def _packed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
         width = int(length.max())
         col = torch.arange(width, device=query.device)                   # (W,)
         real = col < length[:, None]                                     # (n, W)
-        # padding repeats the text's last position, whose row of the mask is never empty
-        at = start[:, None] + torch.minimum(col, length[:, None] - 1)    # (n, W)
         if attention_mask is not None:
+            # a padding row reads the text's last row of the mask, which is never empty
+            at = start[:, None] + torch.minimum(col, length[:, None] - 1)  # (n, W)
             allowed = attention_mask[0, 0][at[:, :, None], at[:, None, :]]  # (n, W, W)
         elif causal:
             allowed = torch.ones(width, width, dtype=torch.bool, device=query.device).tril()
         else:
             allowed = torch.ones((), dtype=torch.bool, device=query.device)
         allowed = (allowed & real[:, None, :]).unsqueeze(1)              # (n, 1, W, W)
-        q, k, v = (t[0][:, at].transpose(0, 1) for t in (query, key, value))  # (n, H, W, d)
+        q, k, v = (pad_sequence([t[i] for i in group], batch_first=True).transpose(1, 2)
+                   for t in texts)                                       # (n, H, W, d)
         out, _ = _attend(module, q, k, v, allowed, dropout, scaling, **kwargs)  # (n, W, H, d)
-        outs.append(out[real])                                           # (m, H, d)
-        places.append(at[real])                                          # (m,)
-    order = torch.argsort(torch.cat(places))
-    assert len(order) == total, "packed segments must cover the row"
-    return torch.cat(outs)[order].unsqueeze(0), None                     # (1, T, H, d)
+        for i, row in zip(group, out.unbind(0), strict=True):
+            pieces[i] = row[:lengths[i]]                                 # (l, H, d)
+    return torch.cat([pieces[i] for i in sorted(pieces)]).unsqueeze(0), None  # (1, T, H, d)
 
 
 def _causal(module: nn.Module, kwargs: dict[str, Any]) -> bool:

@@ -131,10 +131,16 @@ class EmbeddingModel(nn.Module):
         ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
         mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4])
         ids, mask = ids.to(device), mask.to(device)
+        # A half-precision base (LoRA's frozen weights in bf16) runs only under autocast, as
+        # training runs it; the probe does too, whatever the caller's context.
+        half = next((p.dtype for p in self.parameters()
+                     if p.dtype in (torch.float16, torch.bfloat16)), None)
+        cast = half is not None and not torch.is_autocast_enabled(device.type)
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), \
+                    torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=cast):
                 apart = torch.cat([self._embed(ids[i:i + 1, :n], mask[i:i + 1, :n])
                                    for i, n in enumerate((7, 3))])        # (2, D)
                 before = dict(PACKED_CALLS)
@@ -145,10 +151,9 @@ class EmbeddingModel(nn.Module):
             self.train(was_training)
         calls = PACKED_CALLS["attention"] - before["attention"]
         marked = PACKED_CALLS["segments"] - before["segments"]
-        half = torch.is_autocast_enabled(device.type) or any(
-            p.dtype in (torch.float16, torch.bfloat16) for p in self.parameters())
+        rounded = half is not None or torch.is_autocast_enabled(device.type)
         return calls > 0 and marked == calls and bool(
-            (apart - packed).abs().max() <= (2e-2 if half else 1e-4))
+            (apart - packed).abs().max() <= (2e-2 if rounded else 1e-4))
 
     def _embed_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The rows' real tokens one after another in one row, each text with its own
