@@ -100,8 +100,9 @@ class TrainConfig:
         "Qwen2/3, Llama, Mistral, Gemma 3).", default="model", choices=ATTENTIONS)
     cpu_kernels: str = _flag(
         "auto: when training on a CPU, faster dropout masks, RMSNorm and attention "
-        "(embedrag/kernels.py) where they compute what the model's own would; off: the "
-        "model's own operations only.", default="auto", choices=("auto", "off"))
+        "(embedrag/kernels.py) where they compute what the model's own would, and each "
+        "batch's texts packed into one row with no padding; off: the model's own operations "
+        "only (padding cut by length buckets).", default="auto", choices=("auto", "off"))
     append_eos: str = _flag(
         "Append the EOS token to every text. auto: yes for last pooling when the tokenizer does "
         "not add it itself (how gte-Qwen2 and Qwen3-Embedding were trained).",
