@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,8 +140,9 @@ class EmbeddingModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]), \
-                    torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=cast):
+            # (autocast(enabled=False) would switch off the caller's autocast)
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), (
+                    torch.autocast(device.type, dtype=half) if cast else nullcontext()):
                 apart = torch.cat([self._embed(ids[i:i + 1, :n], mask[i:i + 1, :n])
                                    for i, n in enumerate((7, 3))])        # (2, D)
                 before = dict(PACKED_CALLS)

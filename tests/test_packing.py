@@ -252,3 +252,37 @@ def test_packed_training_step_with_checkpointing_and_lora(tiny_decoder):
         assert torch.allclose(out, ref, atol=2e-7, rtol=0)
         for a, b in zip(grads, ref_grads, strict=True):
             assert close(a, b)
+
+
+@pytest.mark.parametrize("caller_autocast", [True, False])
+def test_a_bf16_lora_model_is_probed_under_autocast_as_it_trains(tiny_decoder, caller_autocast):
+    """LoRA on a bf16 base with PEFT's input casts off (as train.py trains it) runs only under
+    autocast: the probe must keep the caller's autocast, and bring its own when there is
+    none, or it fails and the model silently falls back to length buckets."""
+    from peft import LoraConfig, get_peft_model
+
+    from embedrag.loading import lora_input_casts
+
+    ids, mask = batch(tiny_decoder, "last")
+    backbone = AutoModel.from_pretrained(tiny_decoder, attn_implementation="sdpa",
+                                         dtype=torch.bfloat16)
+    backbone = get_peft_model(backbone, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    kernels.install(backbone, torch.device("cpu"))
+    lora_input_casts(backbone, enabled=False)
+    model = EmbeddingModel(backbone, "last").train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=caller_autocast):
+        assert model.packs(mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(ids, mask).shape == (len(TEXTS), 64)
+
+
+def test_train_py_packs_its_batches(cli_run):
+    """train.py as users run it (LoRA, bidirectional attention, activation checkpointing,
+    in-training evaluation) computes no padding: the probe passed inside the real loop."""
+    import json
+
+    out, _ = cli_run
+    report = json.loads((out / "training_summary_report.json").read_text())
+    assert report["totals"]["padding_share"] == 0.0
+    config = json.loads((out / "final" / "training_config.json").read_text())
+    assert config["cpu_attention"] is True
