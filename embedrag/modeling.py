@@ -127,11 +127,7 @@ class EmbeddingModel(nn.Module):
         """Two texts of 7 and 3 random tokens, embedded packed and one at a time in eval mode
         (no dropout; the random stream is left as it was), agree, and every attention call
         of the packed pass saw the texts' boundaries."""
-        vocab = self.backbone.get_input_embeddings().num_embeddings
         device = next(self.parameters()).device
-        ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
-        mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4])
-        ids, mask = ids.to(device), mask.to(device)
         # A half-precision base (LoRA's frozen weights in bf16) runs only under autocast, as
         # training runs it; the probe does too, whatever the caller's context.
         half = next((p.dtype for p in self.parameters()
@@ -140,6 +136,10 @@ class EmbeddingModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            vocab = self.backbone.get_input_embeddings().num_embeddings
+            ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+            mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4])
+            ids, mask = ids.to(device), mask.to(device)
             # (autocast(enabled=False) would switch off the caller's autocast)
             with torch.no_grad(), torch.random.fork_rng(devices=[]), (
                     torch.autocast(device.type, dtype=half) if cast else nullcontext()):
@@ -147,7 +147,7 @@ class EmbeddingModel(nn.Module):
                                    for i, n in enumerate((7, 3))])        # (2, D)
                 before = dict(PACKED_CALLS)
                 packed = self._embed_packed(ids, mask)                    # (2, D)
-        except Exception:  # a model whose forward refuses the packed arguments
+        except Exception:  # a model whose forward (or embedding module) does not fit
             return False
         finally:
             self.train(was_training)

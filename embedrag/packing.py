@@ -20,9 +20,10 @@ import torch
 BUCKET_OVERHEAD = {"cpu": 32, "default": 8192}
 
 
-# Tokens packed into one row at most. Causal models get a (T, T) mask from transformers for a
-# packed row (and a T x T int64 on the way for sliding windows): 4096 keeps that near 130 MB,
-# while a training batch of a few thousand tokens still goes in one call.
+# Tokens packed into one row at most. Causal models get (T, T) masks from transformers for a
+# packed row, built through T x T temporaries: at 4096 tokens 50-70 MB per mask type, ~300 MB
+# for a bidirectional sliding window (EmbeddingGemma), ~0.5 s to build. A training batch of
+# a few thousand tokens still goes in one call; longer batches go in several.
 PACK_TOKENS = 4096
 
 

@@ -201,14 +201,25 @@ def test_a_model_that_does_not_pass_the_boundaries_on_is_not_packed(tiny_encoder
     assert model.computed_positions(mask) > int(mask.sum())  # buckets carry some padding
 
 
-def test_the_probe_leaves_the_random_stream_and_the_mode_alone(tiny_encoder):
+@pytest.mark.parametrize("training", [True, False])
+def test_the_probe_leaves_the_random_stream_and_the_mode_alone(tiny_encoder, training):
+    """BERT has dropout: a probe run in training mode would draw from torch's generator."""
     ids, mask = batch(tiny_encoder, "mean")
-    model = packed_model(tiny_encoder, "mean").train()
+    model = packed_model(tiny_encoder, "mean").train(training)
     torch.manual_seed(5)
     assert model.packs(mask)
     after = torch.rand(3)
     torch.manual_seed(5)
-    assert torch.equal(after, torch.rand(3)) and model.training
+    assert torch.equal(after, torch.rand(3))
+    assert all(m.training is training for m in model.modules())
+
+
+def test_a_backbone_the_probe_cannot_read_keeps_length_buckets(tiny_decoder, monkeypatch):
+    ids, mask = batch(tiny_decoder, "last")
+    model = packed_model(tiny_decoder, "last")
+    monkeypatch.setattr(model.backbone, "get_input_embeddings", lambda: None)  # shipped code
+    assert not model.packs(mask)
+    assert model(ids, mask).shape == (len(TEXTS), 64)
 
 
 def test_packing_only_with_embedrags_cpu_attention(tiny_decoder):
