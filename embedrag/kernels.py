@@ -178,13 +178,13 @@ def _packed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
         group = [i for i in group if lengths[i] > 0]
         if not group:
             continue
-        start = segments[group].to(query.device, torch.long)              # (n,)
         length = torch.tensor([lengths[i] for i in group], device=query.device)  # (n,)
         width = int(length.max())
         col = torch.arange(width, device=query.device)                   # (W,)
         real = col < length[:, None]                                     # (n, W)
         if attention_mask is not None:
             # a padding row reads the text's last row of the mask, which is never empty
+            start = segments[group].to(query.device, torch.long)          # (n,)
             at = start[:, None] + torch.minimum(col, length[:, None] - 1)  # (n, W)
             allowed = attention_mask[0, 0][at[:, :, None], at[:, None, :]]  # (n, W, W)
         elif causal:
