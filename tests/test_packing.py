@@ -1,8 +1,8 @@
-"""Length buckets are the cheapest grouping; packed batches (EmbeddingModel.packs,
-kernels._packed): the texts of a batch go
-through the transformer in one row with no padding, and every embedding and every gradient is
-the one stock transformers computes for the padded batch. The models run in float64; only the
-last step, the float32 normalisation every embedding ends with, limits the agreement (~1e-7)."""
+"""Length buckets are the cheapest grouping and give the padded batch's results. Packed
+batches (EmbeddingModel.packs, kernels._packed): the texts of a batch go through the
+transformer in one row with no padding, and every embedding and every gradient is the one
+stock transformers computes for the padded batch. The models run in float64; only the last
+step, the float32 normalisation every embedding ends with, limits the agreement (~1e-7)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,35 @@ def test_length_buckets_are_the_cheapest_grouping_and_cover_every_real_token():
     mask = torch.tensor([[1] * 100, [1] * 99 + [0], [1] * 2 + [0] * 98, [1] + [0] * 99])
     assert computed_positions(mask) == 2 * 100 + 2 * 2  # 400 padded, or 204 + one overhead
     assert computed_positions(mask[:, :10]) == 4 * 10  # saving 16 is not worth a call
+
+
+def test_bucketed_forward_has_the_padded_batchs_embeddings_and_gradients(
+        tiny_encoder, tiny_decoder_left, monkeypatch):
+    monkeypatch.setitem(packing.BUCKET_OVERHEAD, "cpu", 0)  # a bucket per distinct length
+    texts = ["apple", "banana cherry delta eagle", "tiger lion", "the river near the zebra x y",
+             "z", "apple banana"]
+    for path, pooling in ((tiny_encoder, "mean"), (tiny_decoder_left, "last")):
+        tok = load_tokenizer(path)
+        ids, mask = pad(tokenize(tok, texts, 32, pooling == "last"), tok.pad_token_id,
+                        tok.padding_side)
+        assert len(packing.length_buckets(mask)) > 2
+        model = EmbeddingModel(AutoModel.from_pretrained(path, attn_implementation="sdpa"),
+                               pooling).eval()
+        target = torch.randn(len(texts), model.backbone.config.hidden_size,
+                             generator=torch.Generator().manual_seed(0))
+        grads = []
+        for bucketed in (True, False):
+            model.zero_grad()
+            out = (model(ids, mask) if bucketed
+                   else padded_reference(model.backbone, ids, mask, pooling))
+            (out * target).sum().backward()
+            grads.append((out.detach(), [p.grad.clone() for p in model.parameters()
+                                         if p.grad is not None]))
+        (bucketed, g1), (padded, g2) = grads
+        assert torch.allclose(bucketed, padded, atol=1e-5)
+        assert len(g1) == len(g2) > 0
+        for a, b in zip(g1, g2, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 CASES = [("tiny_encoder", "mean", {}), ("tiny_decoder", "last", {}),
