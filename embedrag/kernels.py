@@ -115,24 +115,28 @@ def _attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
         return sdpa(module, query, key, value, attention_mask, dropout=dropout,
                     scaling=scaling, **kwargs)
 
-    # Everything (B, H, Lq, Lk)-sized is made in fp32 once: no half-precision copies of it.
+    # Everything (B, H, Lq, Lk)-sized is made in fp32 (or float64) once: no half-precision
+    # copies of it.
     dtype, lq, lk = query.dtype, query.shape[2], key.shape[2]
+    wide = torch.promote_types(dtype, torch.float32)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)          # (B, H, Lk, d)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    bias = torch.zeros((), dtype=torch.float32, device=query.device)
+    bias = torch.zeros((), dtype=wide, device=query.device)
     if attention_mask is not None:
         # finfo.min, not -inf: a fully masked row (a left-padding query) stays finite
-        bias = (torch.where(attention_mask, 0.0, torch.finfo(torch.float32).min)
-                if attention_mask.dtype == torch.bool else attention_mask.float())
+        bias = (torch.full_like(attention_mask, torch.finfo(wide).min, dtype=wide)
+                .masked_fill_(attention_mask, 0.0)
+                if attention_mask.dtype == torch.bool else attention_mask.to(wide))
     elif lq > 1 and _causal(module, kwargs):
         # No mask: causality was left to SDPA's flag, top-left aligned as torch's is_causal
-        bias = torch.full((lq, lk), torch.finfo(torch.float32).min, device=query.device).triu(1)
+        bias = torch.full((lq, lk), torch.finfo(wide).min, dtype=wide,
+                          device=query.device).triu(1)
     with torch.autocast(query.device.type, enabled=False):
-        scores = torch.matmul(query.float() * scale, key.float().transpose(2, 3))
+        scores = torch.matmul(query.to(wide) * scale, key.to(wide).transpose(2, 3))
         probs = scores.add_(bias).softmax(-1)                               # (B, H, Lq, Lk)
-        kept = probs * keep_mask(probs.shape, dropout)
-        out = torch.matmul(kept, value.float())                             # (B, H, Lq, d)
+        kept = probs * keep_mask(probs.shape, dropout, wide)
+        out = torch.matmul(kept, value.to(wide))                            # (B, H, Lq, d)
         out = out.mul_(1.0 / (1.0 - dropout))  # the dropout scale, on the small side
     return out.transpose(1, 2).to(dtype).contiguous(), None
 
@@ -229,16 +233,19 @@ class _RMSNorm(torch.autograd.Function):
     `offset` is Gemma's form: the weight is stored as w - 1, and the product is rounded to
     the input dtype after the weight multiply. Otherwise (Llama, Qwen2, Mistral) the
     normalised input is rounded first, then multiplied by the weight in the weight's dtype.
-    Backward keeps x and the per-row scale r and rebuilds x * r: with g' = dL/d(x r),
-    dL/dx = r * (g' - x r * mean(g' * x r))."""
+    The forward pass is transformers' own arithmetic, operation for operation, so its output
+    is bit-equal to the module's in every dtype. The backward pass keeps only x and the
+    per-row scale r and rebuilds x * r: with g' = dL/d(x r),
+    dL/dx = r * (g' - x r * mean(g' * x r)) — the same derivative autograd takes of
+    transformers' norm, with its sums over D taken in another order (equal to rounding)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float,
                 offset: bool) -> torch.Tensor:
         wide = torch.promote_types(x.dtype, torch.float32)
-        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide)       # (..., 1)
-        r = torch.rsqrt(sq.square_().div_(x.shape[-1]).add_(eps))              # (..., 1)
-        normed = _times(x, r, wide)                                             # (..., D)
+        widened = x.to(wide)                                                    # (..., D)
+        r = torch.rsqrt(widened.pow(2).mean(-1, keepdim=True) + eps)           # (..., 1)
+        normed = widened.mul_(r) if widened is not x else x * r                 # (..., D)
         ctx.save_for_backward(x, r, weight)
         ctx.offset = offset
         if offset:
@@ -341,6 +348,12 @@ def install(model: nn.Module, device: torch.device) -> dict[str, Any]:
     returns what was changed, for training_config.json's record of the run."""
     if device.type != "cpu":
         return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "use_kernels", False):
+        # With the `kernels` package installed, transformers re-kernelizes its hub-decorated
+        # layers (RMSNorm among them) at every train()/eval() switch, which puts the class's
+        # forward back over the one swapped in below. On the CPU these kernels take that role.
+        base.use_kernels = False
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -360,7 +373,6 @@ def install(model: nn.Module, device: torch.device) -> dict[str, Any]:
                 module.forward = functools.partial(_rms_forward, module)  # pickles
                 norms += 1
     done: dict[str, Any] = {"cpu_dropout_modules": swapped, "cpu_rms_norm_modules": norms}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if (config is not None and getattr(config, "_attn_implementation", None) == "sdpa"
             and getattr(base, "_can_set_attn_implementation", lambda: False)()):

@@ -39,6 +39,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32: half-precision embeddings are scored in float32, float64 stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float,
              false_negative_mask: torch.Tensor | None = None,
              targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,7 +52,7 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float,
     false_negative_mask: (B, P) bool, True where a candidate is left out of query i's sum.
     targets: (B,) index of each query's positive in p; default i*G.
     """
-    scores = (q.float() @ p.float().T) / temperature                      # (B, P)
+    scores = (wide(q) @ wide(p).T) / temperature                      # (B, P)
     if false_negative_mask is not None:
         scores = scores.masked_fill(false_negative_mask, float("-inf"))
     if targets is None:
@@ -136,16 +141,16 @@ def embedding_loss(q: torch.Tensor, p: torch.Tensor, relevant: torch.Tensor,
     if not gte and margin is None:
         return info_nce(q, p, temperature, mask, targets)
     rows = torch.arange(b, device=q.device)
-    cosines, masks = [q.float() @ p.float().T], [mask]                    # (B, P)
+    cosines, masks = [wide(q) @ wide(p).T], [mask]                    # (B, P)
     if gte:
-        d = p[targets].float()                                            # (B, D) positives
+        d = wide(p[targets])                                              # (B, D) positives
         own = torch.zeros((b, queries.shape[0]), dtype=torch.bool, device=q.device)
         own[rows, q_offset + rows] = True                                  # (B, W*B)
         # queries whose positive is d_i (duplicates, or d_i relevant to both)
         shares = passage_ids[::group][None, :] == passage_ids[targets][:, None]
         itself = torch.zeros_like(mask)
         itself[rows, targets] = True
-        cosines += [q.float() @ queries.float().T, d @ queries.float().T, d @ p.float().T]
+        cosines += [wide(q) @ wide(queries).T, d @ wide(queries).T, d @ wide(p).T]
         masks += [own | shares, own | shares, mask | itself]
     if margin is not None:
         positive = cosines[0][rows, targets].detach()[:, None]              # (B, 1)
@@ -187,13 +192,13 @@ def kd_loss(q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor, temperature
     the same candidates, the teacher's softmax(teacher / kd_temperature). Queries without a
     scored candidate add nothing; with none at all the loss is 0 (with a gradient graph)."""
     b = q.shape[0]
-    student = torch.einsum("bd,bgd->bg", q.float(), p.float().view(b, -1, p.shape[-1]))
+    student = torch.einsum("bd,bgd->bg", wide(q), wide(p).view(b, -1, p.shape[-1]))
     student = student / temperature                                        # (B, G)
     known = torch.isfinite(teacher)
     rows = known.any(dim=-1)
     if not rows.any():
         return student.sum() * 0.0
-    known, student, teacher = known[rows], student[rows], teacher[rows].float()
+    known, student, teacher = known[rows], student[rows], teacher[rows].to(student.dtype)
     log_t = torch.log_softmax((teacher / kd_temperature).masked_fill(~known, float("-inf")), -1)
     log_s = torch.log_softmax(student.masked_fill(~known, float("-inf")), -1)
     # masked_fill (not where) after the log-softmax: no 0 * inf in the forward or backward pass
@@ -210,7 +215,7 @@ def objective(q: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor], 
     --kd_weight this is `embedding_loss` itself."""
     dims = cfg.matryoshka() or [(q.shape[-1], 1.0)]
     teacher = batch.get("teacher_scores") if cfg.kd_weight else None
-    total = q.new_zeros((), dtype=torch.float32)
+    total = q.new_zeros((), dtype=wide(q).dtype)
     parts = {"infonce": total.detach().clone()}
     if teacher is not None:
         parts["kd"] = total.detach().clone()

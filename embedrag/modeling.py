@@ -188,11 +188,13 @@ class EmbeddingModel(nn.Module):
         return self._finish(hidden, attention_mask)
 
     def _finish(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, L, H) token states -> pooled, the Dense head, L2-normalised: (N, D) float32."""
+        """(N, L, H) token states -> pooled, the Dense head, L2-normalised: (N, D) in float32
+        (float64 for a float64 model)."""
         pooled = POOLERS[self.pooling](hidden, attention_mask)            # (N, H)
         if self.head is not None:
             pooled = self.head(pooled.to(next(self.head.parameters()).dtype))  # (N, D)
-        return F.normalize(pooled.float(), p=2, dim=-1)
+        return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)),
+                           p=2, dim=-1)
 
     def save_head(self, folder: str, state: dict[str, torch.Tensor] | None = None) -> None:
         """The Dense modules, each in its sentence-transformers folder under `folder`; with
@@ -232,7 +234,8 @@ def encode_ids(model: nn.Module, tokenizer: Any, get_ids: Callable[[list[int]], 
     `lengths` their lengths.
 
     Texts are embedded longest first so each batch pads little; rows come back in input
-    order. (N, D) float32 on the CPU. `progress` names a progress bar (none when empty).
+    order. (N, D) float32 (float64 for a float64 model) on the CPU. `progress` names a
+    progress bar (none when empty).
 
     With an `accelerator` of W processes, process r embeds batches r, r+W, ... and the results
     are gathered, so each process holds all N rows after doing 1/W of the work; the batches are
@@ -251,20 +254,21 @@ def encode_ids(model: nn.Module, tokenizer: Any, get_ids: Callable[[list[int]], 
     chunks = []
     for idx in tqdm(batches[rank::world], desc=progress, disable=not progress, leave=False):
         input_ids, mask = pad(get_ids(idx), tokenizer.pad_token_id, tokenizer.padding_side)
-        chunks.append(model(input_ids.to(device), mask.to(device)).float())
+        chunks.append(model(input_ids.to(device), mask.to(device)))
     local = torch.cat(chunks) if chunks else torch.zeros((0, 0), device=device)   # (n_r, D)
+    local = local.to(torch.promote_types(local.dtype, torch.float32))
     rows = [[i for b in batches[r::world] for i in b] for r in range(world)]
     if world > 1:  # pad every process's rows to the same count, gather, drop the padding
         width = max(len(r) for r in rows)
         dim = int(accelerator.gather(torch.tensor([local.shape[1]], device=device)).max())
-        padded = torch.zeros((width, dim), device=device)
+        padded = torch.zeros((width, dim), dtype=local.dtype, device=device)
         if local.shape[0]:  # a process may have had no batch at all (a small eval set)
             padded[: local.shape[0]] = local
         every = accelerator.gather(padded).view(world, width, dim)           # (W, width, D)
         local = torch.cat([every[r, : len(rows[r])] for r in range(world)])
     if not len(order):
         return torch.empty((0, 0))
-    out = torch.empty((len(order), local.shape[1]))
+    out = torch.empty((len(order), local.shape[1]), dtype=local.dtype)
     out[torch.tensor([i for r in rows for i in r])] = local.cpu()
     return out
 

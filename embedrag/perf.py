@@ -50,25 +50,35 @@ def native_bf16(device: torch.device | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, largest: int = 2048,
                       seconds: float = 1.0) -> float:
-    """Best FLOP/s of an n x n matmul on `device` in `dtype`, measured over ~`seconds`."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    """Best FLOP/s of an n x n matmul on `device` in `dtype`, measured over ~`seconds`.
 
-    def sync() -> None:
+    n doubles from 256 up to `largest` while one multiply takes under a tenth of `seconds`,
+    so a dtype the hardware only emulates (bf16 on a CPU without AVX-512 BF16, where a 2048
+    multiply takes tens of seconds) is measured on a smaller matrix in about the same time."""
+
+    def once(a: torch.Tensor, b: torch.Tensor) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-
-    for _ in range(2):  # warm-up (kernel selection, caches)
-        a @ b
-    sync()
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
         start = time.perf_counter()
         a @ b
-        sync()
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        once(a, b)  # warm-up (kernel selection, caches)
+        took = once(a, b)
+        if n >= largest or took * 8 > seconds / 10:
+            break
+        n *= 2
+    best, deadline = 2 * n**3 / took, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        best = max(best, 2 * n**3 / once(a, b))
     return best
 
 

@@ -6,12 +6,11 @@ import json
 import random
 
 import pytest
+import pytrec_eval
 import torch
 
 import evaluate as evaluate_script
 from tests.conftest import WORDS
-
-pytrec_eval = pytest.importorskip("pytrec_eval")
 
 
 @pytest.fixture(scope="module")

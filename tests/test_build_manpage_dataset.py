@@ -116,7 +116,6 @@ def test_zh_tokenize_uses_bigrams_and_keeps_ascii_words():
 
 
 def test_negatives_never_equal_own_positive_and_skip_top_hit():
-    pytest.importorskip("rank_bm25")
     positives = [
         "open a file and return a file descriptor",
         "open a file and return a file descriptor",  # identical text on another row

@@ -13,6 +13,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from embedrag import kernels
+from tests.float64 import float64_norms
 
 
 class Layer(torch.nn.Module):
@@ -243,27 +244,34 @@ def test_install_on_a_model(tiny_encoder, tmp_path):
     ("tiny_encoder", "model"), ("tiny_decoder", "model"), ("tiny_decoder_left", "model"),
     ("tiny_decoder", "bidirectional"), ("tiny_gemma3", "model"),
     ("tiny_gemma3", "bidirectional")])
-@pytest.mark.parametrize("attention_dropout", [1e-9, 0.0])
+@pytest.mark.parametrize("attention_dropout", [1e-17, 0.0])
 def test_training_mode_path_through_real_models(fixture, attention, attention_dropout, request):
-    """Attention dropout 1e-9 sends every layer down the dropout path while keeping every
-    element, 0 down the SDPA path (grouped-query heads passed through for Qwen2 and Gemma 3),
-    and the decoders' RMSNorms are swapped:
-    in training mode the model must then give what the plain one gives in eval — values and
+    """Attention dropout 1e-17 sends every layer down the dropout path while keeping every
+    element (its scale 1/(1-p) is 1 in float64), 0 down the SDPA path (grouped-query heads
+    passed through for Qwen2 and Gemma 3), and the decoders' RMSNorms are swapped: in training
+    mode the model must then give what the plain one gives in eval — values and
     gradients — for BERT, Qwen2 and Gemma 3 (a sliding-window layer of 4 tokens, shorter than
-    the texts), causal and bidirectional."""
+    the texts), causal and bidirectional.
+
+    In float64, where the two models' summation orders agree to ~1e-16 of the terms; the plain
+    model's norms compute by hand in float64 (transformers' cast to float32 whatever comes in;
+    their float32 numbers are compared in test_kernels_rms_norm.py). 1e-10 is far above that
+    rounding and far below what a wrong mask, scale or norm does (1e-3 and more)."""
     from transformers import AutoModel
 
     from embedrag.loading import model_config
 
     path = request.getfixturevalue(fixture)
-    plain = AutoModel.from_pretrained(path, config=model_config(path, attention=attention)).eval()
+    plain = AutoModel.from_pretrained(path, config=model_config(path, attention=attention),
+                                      dtype=torch.float64).eval()
     config = plain.config.to_dict()
     off = {k: (attention_dropout if "attention" in k else 0.0) for k in config if "dropout" in k
            and isinstance(config[k], float)}
     fast_config = model_config(path, attention=attention)
     for key, value in off.items():
         setattr(fast_config, key, value)
-    fast = AutoModel.from_pretrained(path, config=fast_config)
+    float64_norms(plain)
+    fast = AutoModel.from_pretrained(path, config=fast_config, dtype=torch.float64)
     done = kernels.install(fast, torch.device("cpu"))
     assert done["cpu_attention"]
     norms = sum(type(m).__name__ in kernels.RMS_NORMS for m in fast.modules())
@@ -277,14 +285,14 @@ def test_training_mode_path_through_real_models(fixture, attention, attention_dr
         mask[1, :5] = 0
     real = mask.bool()
     outputs = [m(ids, mask).last_hidden_state[real] for m in (fast, plain)]
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-10)
     weights = torch.randn_like(outputs[0])
     grads = [torch.autograd.grad((out * weights).sum(), list(m.parameters()), allow_unused=True)
              for out, m in zip(outputs, (fast, plain), strict=True)]
     for a, b in zip(*grads, strict=True):
         assert (a is None) == (b is None)
-        if a is not None:  # sums over every token: float32 summation order shows at ~1e-5
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
 def test_install_reaches_peft_lora_dropout(tiny_decoder):

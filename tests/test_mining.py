@@ -2,14 +2,10 @@
 
 import json
 
-import pytest
-
 import mine_negatives as mine_script
 from embedrag.data import Example, read_jsonl
 from embedrag.mining import bm25_tokens, mine, normalise
 from tests.conftest import learnable_rows, write_jsonl
-
-pytest.importorskip("rank_bm25")
 
 TOPICS = ["apple pie recipe with cinnamon", "river fishing in spring", "zebra stripes explained",
           "tiger habitat in asia", "violet flowers in the garden", "walnut bread baking",

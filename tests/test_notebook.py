@@ -7,13 +7,12 @@ import importlib.metadata as metadata
 import json
 import sys
 
-import pytest
+import papermill
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.conftest import ROOT
 
-papermill = pytest.importorskip("papermill")
 JUPYTER = ["ipykernel"]  # what runs a notebook's code; "plus Jupyter" in the README
 
 

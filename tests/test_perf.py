@@ -22,7 +22,7 @@ def test_matmul_parameters_and_flops_by_hand(tiny_decoder):
 
 
 def test_peak_is_a_real_measurement():
-    peak = matmul_peak_flops(torch.device("cpu"), torch.float32, n=256, seconds=0.2)
+    peak = matmul_peak_flops(torch.device("cpu"), torch.float32, largest=256, seconds=0.2)
     assert 1e8 < peak < 1e14
 
 

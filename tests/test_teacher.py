@@ -10,6 +10,7 @@ import torch
 import score_teacher
 from embedrag.loading import load_embedder
 from tests.conftest import learnable_rows, write_jsonl
+from tests.float64 import TOLERANCE, float64
 from tests.test_trainer import run_train
 
 
@@ -143,7 +144,10 @@ def test_distillation_and_matryoshka_through_grad_cache_equal_plain_backprop(tin
     logs = []
     for name, extra in (("plain", []), ("cached", ["--grad_cache_chunk_size", "3"])):
         out = tmp_path / name
-        assert run_train(tiny_decoder, data, out, *flags, *extra)[0] == 0
+        with float64():  # the two runs then agree to TOLERANCE on any CPU
+            assert run_train(tiny_decoder, data, out, *flags, *extra)[0] == 0
         logs.append(json.loads((out / "detailed_training_logs.json").read_text()))
+    assert len(logs[0]) > 1
     for key in ("loss", "loss_infonce", "loss_kd"):
-        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], abs=1e-5)
+        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=0,
+                                                          abs=TOLERANCE)
