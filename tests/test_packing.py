@@ -166,7 +166,7 @@ def test_packed_batch_has_the_padded_batchs_embeddings_and_gradients(fixture, po
     assert kernels.PACKED_CALLS["segments"] - before["segments"] == layers  # one call a layer
     ref, ref_grads = outputs_and_grads(
         lambda: padded_reference(reference, ids, mask, pooling, True),
-                                       list(reference.parameters()), target)
+        list(reference.parameters()), target)
     assert torch.allclose(out, ref, atol=1e-12, rtol=0)
     assert sum(g is not None for g in grads) > 10
     for a, b in zip(grads, ref_grads, strict=True):  # BERT's pooler gets none in either

@@ -137,3 +137,26 @@ def test_shipped_accelerate_configs_load():
     assert kinds["multi_node.yaml"] == ("DistributedType.MULTI_GPU", 16)
     assert set(kinds) == {"multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml",
                           "deepspeed_zero3.yaml", "fsdp.yaml"}
+
+
+def test_float64_runs_agree_across_cpu_code_paths(tiny_decoder, learnable_data, tmp_path):
+    """What makes the equivalence tests portable, tested on one machine: the same float64
+    training run on this CPU's vector kernels and on the plain, unvectorised ones (another
+    summation order in nearly every operation, as another CPU would have) leaves the same
+    adapter to TOLERANCE. GradCache in the second run, so both claims are crossed."""
+    import subprocess
+    import sys
+
+    flags = ["--model_name_or_path", tiny_decoder, "--train_dataset", learnable_data,
+             "--finetune_type", "lora", "--lora_dropout", "0", "--save_on_epoch_end", "0",
+             "--batch_size", "4", "--epochs", "2", "--lr", "5e-3", "--neg_nums", "2",
+             "--temperature", "0.05", "--lora_r", "4", "--lora_alpha", "8", "--seed", "7"]
+    plain = {**ENV, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    for name, env, extra in (("native", ENV, []),
+                             ("plain", plain, ["--grad_cache_chunk_size", "3"])):
+        done = subprocess.run([sys.executable, "tests/float64.py", "train.py", *flags,
+                               "--output_dir", str(tmp_path / name), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_weights(_adapter(tmp_path / "native"), _adapter(tmp_path / "plain"),
+                        atol=TOLERANCE)
