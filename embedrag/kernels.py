@@ -14,15 +14,15 @@ Profiling a MiniLM step on a 2-core AVX-512 CPU (benchmarks/profile_step.py) sho
 - RMSNorm (Gemma, Qwen2, Llama, Mistral): transformers' version runs ~7 tensor passes
   forward and ~12 backward in fp32 and keeps two fp32 copies of its input for the backward
   pass; in a Gemma-3-270M LoRA forward+backward in bf16 (2,048 tokens) the norms were ~9%
-  of the time. Here one autograd function does the same arithmetic in 5 passes each way and
-  keeps only the input and one scale per row, which cuts what that call keeps for backward
-  from 3.1 to 2.2 GB. A class is swapped only after a probe shows it computes what the
+  of the time. Here one autograd function computes it in fewer passes and keeps only the
+  input and one scale per row for the backward pass. A class is swapped only after a probe shows it computes what the
   module's own forward does.
 
 All apply on CPU only: GPUs have fused kernels and fast bf16 attention, so `install` leaves a
-model on any other device as it is. Results are the same computations (attention under bf16
-autocast a little more exact); only the random stream behind the dropout masks differs from
-torch's. The price: attention with dropout keeps its (B, H, L, L) tensors for the backward pass
+model on any other device as it is. The RMSNorm's forward pass is transformers' arithmetic
+to the bit; its backward pass and the attention are the same formulas with their sums in
+another order (attention under bf16 autocast a little more exact); the random stream behind
+the dropout masks differs from torch's. The price: attention with dropout keeps its (B, H, L, L) tensors for the backward pass
 in fp32 (~12 bytes per element against ~5 for torch's bf16 path), which matters only for long
 sequences with attention dropout.
 """
