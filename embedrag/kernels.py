@@ -1,30 +1,23 @@
 """Faster CPU versions of three operations a training step spends its time in.
 
-Profiling a MiniLM step on a 2-core AVX-512 CPU (benchmarks/profile_step.py) showed:
+- Dropout masks: `torch.bernoulli_` draws every element from the Mersenne Twister, and BERT
+  draws one (B, H, L, L) mask per layer. Here masks come from NumPy's SFC64 generator, 64
+  bits per draw cut into four 16-bit lanes, seeded from torch's own generator, so
+  `torch.manual_seed`, checkpointed RNG state and GradCache's dropout replay keep working;
+  the keep probability is exact to 1/65536.
+- bf16 attention: PyTorch's CPU flash-attention backward is slow in bf16. Under bf16
+  autocast the attention here runs in fp32 and casts back, which is also more accurate.
+- RMSNorm (Gemma, Qwen2, Llama, Mistral): transformers' version makes many fp32 passes and
+  keeps two fp32 copies of its input for the backward pass. Here one autograd function
+  makes fewer passes and keeps the input and one scale per row. A class is swapped only
+  after a probe shows it computes what the module's own forward does.
 
-- Dropout masks: `torch.bernoulli_` draws each element from the Mersenne Twister at ~5 ns;
-  with BERT's 0.1 dropout on attention probabilities (one (B, H, L, L) mask per layer) plus
-  the hidden-state dropouts, mask drawing was 30% of the step. Here masks come from NumPy's
-  SFC64 generator, 64 bits per draw cut into four 16-bit lanes (~1.4 ns per element),
-  seeded from torch's own generator: `torch.manual_seed`, checkpointed RNG state and
-  GradCache's dropout replay keep working, and the keep probability is exact to 1/65536.
-- bf16 attention backward: PyTorch's CPU flash-attention kernel is ~3.5x slower in bf16 than
-  in fp32 (124 vs 37 ms for 32x12x128x32 forward+backward). Under bf16 autocast the
-  attention here runs in fp32 and casts back, which is also the more accurate choice.
-- RMSNorm (Gemma, Qwen2, Llama, Mistral): transformers' version runs ~7 tensor passes
-  forward and ~12 backward in fp32 and keeps two fp32 copies of its input for the backward
-  pass; in a Gemma-3-270M LoRA forward+backward in bf16 (2,048 tokens) the norms were ~9%
-  of the time. Here one autograd function computes it in fewer passes and keeps only the
-  input and one scale per row for the backward pass. A class is swapped only after a probe shows it computes what the
-  module's own forward does.
-
-All apply on CPU only: GPUs have fused kernels and fast bf16 attention, so `install` leaves a
-model on any other device as it is. The RMSNorm's forward pass is transformers' arithmetic
-to the bit; its backward pass and the attention are the same formulas with their sums in
-another order (attention under bf16 autocast a little more exact); the random stream behind
-the dropout masks differs from torch's. The price: attention with dropout keeps its (B, H, L, L) tensors for the backward pass
-in fp32 (~12 bytes per element against ~5 for torch's bf16 path), which matters only for long
-sequences with attention dropout.
+All apply on CPU only: GPUs have fused kernels and fast bf16 attention, so `install` leaves
+a model on any other device as it is. The RMSNorm forward is transformers' arithmetic to the
+bit; its backward and the attention are the same formulas with sums in another order; the
+random stream behind dropout masks differs from torch's. The price: attention with dropout
+keeps its (B, H, L, L) tensors in fp32 for the backward pass, which matters only for long
+sequences with attention dropout. Timings are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
