@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.exit(2, f"evaluate.py: error: --{name} must be positive, got {value}\n")
-    from embedrag.beir import evaluate_beir, is_beir
+    from embedrag.eval.beir import evaluate_beir, is_beir
 
     beir = is_beir(args.eval_dataset)
     if beir and not os.path.isfile(os.path.join(args.eval_dataset, "qrels", f"{args.split}.tsv")):
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"evaluate.py: error: --eval_dataset {args.eval_dataset}: no such file "
                        "(nor a BEIR folder)\n")
 
-    from embedrag.config import parse_dims, read_training_config
+    from embedrag.config import parse_dims
+    from embedrag.io import read_training_config
 
     try:  # before any model loads
         dims = ([d for d, _ in parse_dims(args.dims)] if args.dims is not None
@@ -86,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from embedrag.data import DataError
-    from embedrag.evaluation import evaluate, format_table
-    from embedrag.inputs import load_rows
-    from embedrag.loading import load_embedder
-    from embedrag.modeling import embedding_width as model_width
+    from embedrag.data.formats import load_rows
+    from embedrag.data.rows import DataError
+    from embedrag.eval.evaluate import evaluate, format_table
+    from embedrag.model.embedding import embedding_width as model_width
+    from embedrag.model.loading import load_embedder
 
     try:
         examples = None if beir else load_rows(args.eval_dataset)  # memory-mapped Arrow

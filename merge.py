@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from embedrag.data import DataError, read_jsonl
-    from embedrag.merging import MergeError, VerificationError, merge
+    from embedrag.data.rows import DataError, read_jsonl
+    from embedrag.publish.merge import MergeError, VerificationError, merge
 
     hf_logging.disable_progress_bar()
 

@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.output) and not args.overwrite:
         return fail(f"--output {args.output} exists; pass --overwrite to replace it")
 
-    from embedrag.data import DataError, read_jsonl
-    from embedrag.inputs import TextColumn
-    from embedrag.mining import bm25_scores, embedding_ranker, mine
+    from embedrag.data.formats import TextColumn
+    from embedrag.data.rows import DataError, read_jsonl
+    from embedrag.mining.negatives import bm25_scores, embedding_ranker, mine
 
     try:
         examples = read_jsonl(args.input)

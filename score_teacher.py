@@ -17,7 +17,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from embedrag.teacher import KINDS
+    from embedrag.mining.teacher import KINDS
 
     p = argparse.ArgumentParser(prog="score_teacher.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--output {args.output} exists; pass --overwrite to replace it")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         return fail(f"--output {args.output}: no such folder")
-    from embedrag.data import DataError
-    from embedrag.inputs import load_rows
+    from embedrag.data.formats import load_rows
+    from embedrag.data.rows import DataError
 
     try:
         load_rows(args.input)  # every line checked before a model loads
@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"score_teacher.py: error: {line}", file=sys.stderr)
         return 2
-    from embedrag.teacher import CrossEncoderTeacher, EmbeddingTeacher, score_file, teacher_kind
+    from embedrag.mining.teacher import (
+        CrossEncoderTeacher,
+        EmbeddingTeacher,
+        score_file,
+        teacher_kind,
+    )
 
     kind = teacher_kind(args.teacher) if args.kind == "auto" else args.kind
     try:

@@ -19,16 +19,16 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from embedrag.config import parse_args
-    from embedrag.data import DataError, read_jsonl
-    from embedrag.inputs import load_rows
-    from embedrag.mixture import expand
+    from embedrag.data.formats import load_rows
+    from embedrag.data.mixture import expand
+    from embedrag.data.rows import DataError, read_jsonl
+    from embedrag.train.checks import parse_args
 
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     try:  # both inputs checked whole, before any model loads or any worker starts
         if cfg.streaming:  # read as it streams; the first rows are checked now
-            from embedrag.streaming import stream_rows
+            from embedrag.data.streaming import stream_rows
 
             rows = stream_rows(cfg.train_files()[0])
         else:  # memory-mapped Arrow, cached for the workers; several files: {file: rows}
@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         return fail([f"train.py: error: {line}" for line in str(e).splitlines()], 2)
 
-    from embedrag.checkpoints import OutputDirError, check_output_dir
-    from embedrag.launch import run_workers, workers_to_start
-    from embedrag.loading import ModelError
-    from embedrag.recipe import RecipeError
-    from embedrag.trainer import LaunchError, NonFiniteLossError, train
+    from embedrag.model.loading import ModelError
+    from embedrag.model.recipe import RecipeError
+    from embedrag.train.checkpoints import OutputDirError, check_output_dir
+    from embedrag.train.launch import run_workers, workers_to_start
+    from embedrag.train.loop import LaunchError, NonFiniteLossError, train
 
     try:
         check_output_dir(cfg)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def fail(lines: list[str], code: int) -> int:
     """Print why we stop; a worker of a launched run also hands the first line to its launcher."""
-    from embedrag.launch import report_failure
+    from embedrag.train.launch import report_failure
 
     print("\n".join(lines), file=sys.stderr)
     report_failure(lines[0], code)

@@ -11,7 +11,7 @@ milliseconds after a warm-up call:
 - transformers' SDPA on the bf16 inputs;
 - the same on the inputs cast to fp32: what EmbedRAG ran before grouped-query heads were passed
   through (transformers copies every key/value head out per query head when there is a mask);
-- EmbedRAG's attention (`embedrag/kernels.py`): fp32, grouped heads passed to SDPA as they
+- EmbedRAG's attention (`embedrag/cpu/kernels.py`): fp32, grouped heads passed to SDPA as they
   are, and for all-MiniLM-L6-v2 (attention dropout 0.1) its own dropout path.
 """
 
@@ -36,7 +36,7 @@ def main() -> None:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from embedrag import kernels
+    from embedrag.cpu import kernels
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=8)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What a length bucket costs: one forward+backward call of the real model, fitted, and what
-that says about the bucket plan's per-call overhead (embedrag.packing.BUCKET_OVERHEAD).
+that says about the bucket plan's per-call overhead (embedrag.cpu.packing.BUCKET_OVERHEAD).
 
     python benchmarks/bucket_cost.py --job gemma --precision bf16
     python benchmarks/bucket_cost.py --job minilm --precision fp32
@@ -69,7 +69,8 @@ def job_masks(job, tokenizer, append_eos: bool) -> list:
     """The attention masks of one epoch of st_compare's job, queries and passages apart."""
     import torch
 
-    from embedrag.data import Collator, EpochShuffle, TrainingSet, read_jsonl
+    from embedrag.data.dataset import Collator, EpochShuffle, TrainingSet
+    from embedrag.data.rows import read_jsonl
 
     data = TrainingSet(read_jsonl(job.train)[: job.limit_train or None], tokenizer,
                        neg_nums=job.neg_nums, query_max_len=job.query_max_len,
@@ -85,10 +86,11 @@ def job_masks(job, tokenizer, append_eos: bool) -> list:
 def main() -> None:
     import torch
 
-    from embedrag.config import parse_args
-    from embedrag.loading import load_backbone, lora_input_casts
-    from embedrag.modeling import EmbeddingModel, load_tokenizer, resolve_append_eos
-    from embedrag.packing import length_buckets
+    from embedrag.cpu.packing import length_buckets
+    from embedrag.model.embedding import EmbeddingModel
+    from embedrag.model.loading import load_backbone, lora_input_casts
+    from embedrag.model.tokens import load_tokenizer, resolve_append_eos
+    from embedrag.train.checks import parse_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--job", choices=sorted(JOBS), default="gemma")

@@ -42,9 +42,9 @@ def score(model_dir: str, eval_rows: list, pooling: str, max_len: int,
     """Retrieval metrics of any model folder (base, trained adapter or full model), with the
     pooling, lengths and EOS given here rather than those it was saved with, so models from
     different tools are scored alike."""
-    from embedrag.evaluation import evaluate
-    from embedrag.loading import load_embedder
-    from embedrag.modeling import EmbeddingModel, EmbedSettings
+    from embedrag.eval.evaluate import evaluate
+    from embedrag.model.embedding import EmbeddingModel, EmbedSettings
+    from embedrag.model.loading import load_embedder
 
     model, tokenizer, _ = load_embedder(model_dir)
     settings = EmbedSettings(pooling=pooling, query_max_len=max_len, passage_max_len=max_len,

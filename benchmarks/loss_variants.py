@@ -18,7 +18,7 @@ Both: one epoch, batch 8, 2 hard negatives, queries 64 / passages 128 tokens.
 Variants (flags added to train.py): infonce (today's loss), gte (--gte_negatives 1),
 margin (--false_negative_margin 0.1), gte+margin, and temperature 0.05 instead of 0.02.
 Ablations, run only when named in --variants: "cpu_kernels off" (torch's dropout and attention
-instead of embedrag/kernels.py's).
+instead of embedrag/cpu/kernels.py's).
 Results are cached per run in the workdir, so an interrupted benchmark resumes and several
 invocations (say one per core, each with its own --sets) can share one workdir.
 """
@@ -131,7 +131,7 @@ def trained(model: str, data: str, variant: str, seed: int, out: str,
 
 
 def main() -> None:
-    from embedrag.data import read_jsonl
+    from embedrag.data.rows import read_jsonl
 
     args = parse()
     work = args.workdir or tempfile.mkdtemp(prefix="loss_variants_")

@@ -27,10 +27,10 @@ SETS = {"en": "datasets/manpages_en_train.jsonl", "zh": "datasets/manpages_zh_tw
 def main() -> None:
     import torch
 
-    from embedrag.data import read_jsonl
-    from embedrag.loading import load_embedder
-    from embedrag.loss import embedding_loss
-    from embedrag.modeling import encode_with
+    from embedrag.data.rows import read_jsonl
+    from embedrag.losses import embedding_loss
+    from embedrag.model.embedding import encode_with
+    from embedrag.model.loading import load_embedder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=8)

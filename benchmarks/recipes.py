@@ -44,9 +44,9 @@ MINILM_FLAGS = ["--finetune_type", "full", "--epochs", "1", "--batch_size", "8",
 
 def ndcg(model_dir: str, eval_file: str, dims: list[int] | None = None) -> dict[str, float]:
     """nDCG@10 on eval_file, embedded as the model was trained (and at each prefix)."""
-    from embedrag.evaluation import evaluate
-    from embedrag.inputs import load_rows
-    from embedrag.loading import load_embedder
+    from embedrag.data.formats import load_rows
+    from embedrag.eval.evaluate import evaluate
+    from embedrag.model.loading import load_embedder
 
     model, tok, settings = load_embedder(model_dir)
     metrics = evaluate(model, tok, load_rows(eval_file), settings, batch_size=64, dims=dims)

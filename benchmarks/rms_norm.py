@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """One forward+backward call of a real decoder with transformers' RMSNorm and with EmbedRAG's
-(`embedrag/kernels.py`), everything else as train.py sets it up.
+(`embedrag/cpu/kernels.py`), everything else as train.py sets it up.
 
     python benchmarks/rms_norm.py [--rows 8] [--length 256] [--repeats 5]
 
@@ -27,10 +27,10 @@ from benchmarks.common import gemma  # noqa: E402
 def main() -> None:
     import torch
 
-    from embedrag import kernels
-    from embedrag.config import parse_args
-    from embedrag.loading import load_backbone, lora_input_casts
-    from embedrag.modeling import EmbeddingModel
+    from embedrag.cpu import kernels
+    from embedrag.model.embedding import EmbeddingModel
+    from embedrag.model.loading import load_backbone, lora_input_casts
+    from embedrag.train.checks import parse_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a decoder's folder (default Gemma-3-270M)")

@@ -88,7 +88,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def machine() -> str:
     """The hardware the figures come from: GPUs, or the CPU model and its vector/matrix flags."""
-    from embedrag.perf import cpu_flags, hardware
+    from embedrag.hardware import cpu_flags, hardware
 
     shown = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "fma")))
     return f"{hardware()}; flags: {' '.join(shown) or 'unknown'}"
@@ -163,8 +163,8 @@ def st_worker(args: argparse.Namespace) -> None:
         models,
     )
 
-    from embedrag.data import read_jsonl
-    from embedrag.modeling import find_lora_targets
+    from embedrag.data.rows import read_jsonl
+    from embedrag.model.embedding import find_lora_targets
 
     job, out = JOBS[args.job], args.st_worker
     bf16 = args.precisions[0] == "bf16"
@@ -230,7 +230,7 @@ def st_worker(args: argparse.Namespace) -> None:
 
 def score(model_dir: str, args: argparse.Namespace) -> dict[str, float]:
     """Both tools' models, scored the same way: pooling and EOS as the job trains them."""
-    from embedrag.data import read_jsonl
+    from embedrag.data.rows import read_jsonl
 
     job = JOBS[args.job]
     return common_score(model_dir, read_jsonl(args.eval), job["pooling"], args.passage_max_len,

@@ -5,8 +5,8 @@ own internals, which nothing the user does can change, teach them to skim past w
 the next real one is missed. Each message here is matched exactly, for the one place it comes
 from; everything else (every other warning, and these same messages in other circumstances)
 still shows. What we can fix at its cause is fixed where it arises instead: activation
-checkpointing through its current name (`embedrag.loading`), the cross-process gather
-through torch's functional collective (`embedrag.loss`).
+checkpointing through its current name (`embedrag.model.loading`), the cross-process gather
+through torch's functional collective (`embedrag.losses`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def default_dir() -> str:
 
 
 # The folder's own model card: what it is and under which terms, so that the cards of models
-# trained from it (embedrag/card.py) can name their license and lineage.
+# trained from it (embedrag/publish/card.py) can name their license and lineage.
 CARD = """---
 license: gemma
 license_link: https://ai.google.dev/gemma/terms

@@ -26,11 +26,13 @@ sys.path.insert(0, ROOT)
 from accelerate.utils import set_seed  # noqa: E402
 
 from embedrag.config import TrainConfig  # noqa: E402
-from embedrag.data import Collator, Example, TrainingSet  # noqa: E402
-from embedrag.launch import make_accelerator  # noqa: E402
-from embedrag.loading import load_backbone  # noqa: E402
-from embedrag.loss import embedding_loss, forward_backward  # noqa: E402
-from embedrag.modeling import EmbeddingModel, load_tokenizer  # noqa: E402
+from embedrag.data.dataset import Collator, TrainingSet  # noqa: E402
+from embedrag.data.rows import Example  # noqa: E402
+from embedrag.losses import embedding_loss, forward_backward  # noqa: E402
+from embedrag.model.embedding import EmbeddingModel  # noqa: E402
+from embedrag.model.loading import load_backbone  # noqa: E402
+from embedrag.model.tokens import load_tokenizer  # noqa: E402
+from embedrag.train.launch import make_accelerator  # noqa: E402
 from tests.conftest import learnable_rows  # noqa: E402
 from tests.float64 import float64  # noqa: E402
 

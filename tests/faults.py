@@ -29,7 +29,9 @@ sys.path.insert(0, ROOT)
 
 
 def install(faults: dict) -> None:
-    from embedrag import checkpoints, launch, logs, loss, precision, trainer
+    from embedrag import losses as loss
+    from embedrag.train import checkpoints, launch, logs, precision
+    from embedrag.train import loop as trainer
 
     if "nan_at_step" in faults:
         real_loss, calls = loss.embedding_loss, [0]

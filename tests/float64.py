@@ -61,7 +61,7 @@ def float64_norms(model):
     """`model` (a float64 reference) with its RMSNorms computing in float64 by hand:
     transformers' cast their input to float32 whatever its dtype. Returns the model. (Its
     hub-kernel switching is turned off first, or train() would put the norms back.)"""
-    from embedrag import kernels
+    from embedrag.cpu import kernels
 
     if getattr(model, "use_kernels", False):
         model.use_kernels = False

@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from embedrag.data import DataError, Example, tokenize
+from embedrag.data.rows import DataError, Example
+from embedrag.data.tokens import tokenize
 
 
 class ListTrainingSet:

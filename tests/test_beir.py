@@ -34,7 +34,7 @@ def beir_folder(tmp_path_factory):
 
 
 def test_beir_metrics_equal_pytrec_eval(beir_folder, tiny_encoder, tmp_path):
-    from embedrag.loading import load_embedder
+    from embedrag.model.loading import load_embedder
 
     folder, docs, queries, qrels = beir_folder
     out = tmp_path / "metrics.json"
@@ -84,7 +84,7 @@ def test_beir_metrics_equal_pytrec_eval(beir_folder, tiny_encoder, tmp_path):
 
 
 def test_graded_ndcg_by_hand():
-    from embedrag.metrics import query_metrics
+    from embedrag.eval.metrics import query_metrics
 
     got = query_metrics([7, 3, 9], {3: 2, 9: 1, 5: 0})
     dcg = 2 / torch.log2(torch.tensor(3.0)).item() + 1 / 2

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 import merge as merge_script
-from embedrag.card import base_identity, count_rows, write_card
-from embedrag.loading import load_embedder
+from embedrag.model.loading import load_embedder
+from embedrag.publish.card import base_identity, count_rows, write_card
 
 TEMPLATE = "[More Information Needed]"  # PEFT's blank model card, 100+ times
 

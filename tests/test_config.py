@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-from embedrag.config import TrainConfig, build_parser, parse_args
+from embedrag.config import TrainConfig, build_parser
+from embedrag.train.checks import parse_args
 from tests.conftest import ROOT
 
 SEED_DEFAULTS = {"finetune_type": "qlora", "quantization_bits": 4, "lr": 1e-4, "epochs": 2,
@@ -22,7 +23,7 @@ def _required(tmp_path):
 def test_seed_defaults(tmp_path):
     """The seed's defaults hold; the embedding settings among them are decided when training
     starts (a model's own recipe comes first), and are the seed's for a model without one."""
-    from embedrag.recipe import DEFAULTS, Recipe, decide
+    from embedrag.model.recipe import DEFAULTS, Recipe, decide
 
     cfg = parse_args(_required(tmp_path))
     decided, sources = decide({name: getattr(cfg, name) for name in DEFAULTS}, Recipe())

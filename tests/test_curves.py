@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from embedrag.curves import curve_data, plot_curves, write_curves
+from embedrag.publish.curves import curve_data, plot_curves, write_curves
 
 
 def test_the_picture_holds_the_logged_loss_rate_and_metrics(cli_run):

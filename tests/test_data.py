@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from embedrag.data import Collator, DataError, TrainingSet, pad, read_jsonl, tokenize
-from embedrag.loss import false_negative_mask
-from embedrag.modeling import load_tokenizer
+from embedrag.data.dataset import Collator, TrainingSet
+from embedrag.data.rows import DataError, read_jsonl
+from embedrag.data.tokens import pad, tokenize
+from embedrag.losses import false_negative_mask
+from embedrag.model.tokens import load_tokenizer
 from tests.conftest import ROOT, learnable_rows, write_jsonl
 from tests.float64 import float64_norms
 
@@ -64,7 +66,7 @@ def test_pad_left_and_right():
 
 
 def _set(rows, tok, neg_nums=2, seed=0):
-    from embedrag.data import Example
+    from embedrag.data.rows import Example
 
     ex = [Example(r["query"], r["pos"], r.get("neg", []), i) for i, r in enumerate(rows)]
     return TrainingSet(ex, tok, neg_nums=neg_nums, query_max_len=16, passage_max_len=16,
@@ -159,8 +161,8 @@ def test_duplicate_passages_are_embedded_once_with_the_same_loss_and_gradients(t
     float64 (norms too), where the two summation orders agree to ~1e-16 of the terms."""
     from transformers import AutoModel
 
-    from embedrag.loss import embedding_loss
-    from embedrag.modeling import EmbeddingModel
+    from embedrag.losses import embedding_loss
+    from embedrag.model.embedding import EmbeddingModel
 
     rows = [{"query": "q0", "pos": ["apple pie"], "neg": ["tiger river", "zebra"]},
             {"query": "q1", "pos": ["tiger river"], "neg": ["apple pie", "zebra"]},
@@ -195,7 +197,7 @@ def test_arrow_training_set_reproduces_the_list_based_one(tok):
     """Today's draws, exactly: the Arrow-backed set numbers passages, builds relevant sets and
     negatives and draws them as the list-based one did (tests/reference_data.py), over several
     epochs, with shared queries, repeated passages, a second positive and short rows."""
-    from embedrag.data import Example
+    from embedrag.data.rows import Example
     from tests.reference_data import ListTrainingSet
 
     rows = learnable_rows(24)
@@ -219,7 +221,7 @@ def test_arrow_training_set_reproduces_the_list_based_one(tok):
 def test_inputs_in_every_format_give_the_same_rows(tmp_path):
     """JSONL, Parquet and a save_to_disk folder load as the same Arrow rows; bad rows of a
     Parquet file are named by row index, the first five, as JSONL's are by line."""
-    from embedrag.inputs import load_rows
+    from embedrag.data.formats import load_rows
 
     path = write_jsonl(tmp_path / "d.jsonl", learnable_rows(6))
     jsonl = load_rows(path)

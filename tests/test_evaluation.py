@@ -80,8 +80,8 @@ def test_evaluate_py_on_a_plain_model_matches_a_hand_computation(tiny_encoder, l
     against cosine scores computed here with transformers and the metric definitions."""
     from transformers import AutoModel, AutoTokenizer
 
-    from embedrag.data import read_jsonl
-    from embedrag.metrics import query_metrics
+    from embedrag.data.rows import read_jsonl
+    from embedrag.eval.metrics import query_metrics
 
     _evaluate(capsys, "--model_path", tiny_encoder, "--eval_dataset", learnable_data,
               "--pooling", "mean", "--output_file", str(tmp_path / "m.json"))
@@ -145,7 +145,7 @@ def test_why_quantized_layers_are_kept_on_their_training_kernels(tiny_decoder):
     from bitsandbytes.functional import has_avx512bf16
     from transformers import AutoModel
 
-    from embedrag.loading import match_training_kernels, quantization_config
+    from embedrag.model.loading import match_training_kernels, quantization_config
 
     if not has_avx512bf16():
         pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX-512 BF16")
@@ -181,9 +181,9 @@ def test_matryoshka_prefixes_are_trained_and_scored_per_dimension(tiny_decoder, 
                                                                  tmp_path, capsys):
     """In-training eval, evaluate.py (dims from training_config.json) and a model whose
     embeddings are themselves the re-normalised 32-dimension prefix all agree."""
-    from embedrag.evaluation import evaluate
-    from embedrag.inputs import load_rows
-    from embedrag.loading import load_embedder
+    from embedrag.data.formats import load_rows
+    from embedrag.eval.evaluate import evaluate
+    from embedrag.model.loading import load_embedder
 
     out = tmp_path / "mrl"
     code, summary, _ = run_train(tiny_decoder, learnable_data, out, "--finetune_type", "lora",

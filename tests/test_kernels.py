@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from embedrag import kernels
+from embedrag.cpu import kernels
 from tests.float64 import float64_norms
 
 
@@ -259,7 +259,7 @@ def test_training_mode_path_through_real_models(fixture, attention, attention_dr
     rounding and far below what a wrong mask, scale or norm does (1e-3 and more)."""
     from transformers import AutoModel
 
-    from embedrag.loading import model_config
+    from embedrag.model.loading import model_config
 
     path = request.getfixturevalue(fixture)
     plain = AutoModel.from_pretrained(path, config=model_config(path, attention=attention),
@@ -310,7 +310,7 @@ def test_install_reaches_peft_lora_dropout(tiny_decoder):
 
 def test_cpu_kernels_off_leaves_the_model_its_own_operations(tiny_encoder):
     from embedrag.config import TrainConfig
-    from embedrag.loading import load_backbone
+    from embedrag.model.loading import load_backbone
 
     def load(mode):
         cfg = TrainConfig(model_name_or_path=tiny_encoder, train_dataset="", output_dir="",

@@ -1,4 +1,4 @@
-"""The CPU RMSNorm (embedrag/kernels.py) computes what transformers' norms compute, checked
+"""The CPU RMSNorm (embedrag/cpu/kernels.py) computes what transformers' norms compute, checked
 against float64 references, gradcheck and the modules themselves; install swaps only the
 norms it has checked."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedrag import kernels
+from embedrag.cpu import kernels
 from tests.float64 import rms_reference
 
 

@@ -141,8 +141,9 @@ def _duplicated_rows():
 
 def _distinct_passages_per_rank(rows, seed, batch, neg_nums, epoch=1):
     """Replays the data order and draws: distinct passages of each rank's batch, per step."""
-    from embedrag.data import EpochShuffle, Example, TrainingSet
-    from embedrag.modeling import load_tokenizer
+    from embedrag.data.dataset import EpochShuffle, TrainingSet
+    from embedrag.data.rows import Example
+    from embedrag.model.tokens import load_tokenizer
 
     tok = load_tokenizer(os.environ["TINY_DECODER"])
     data = TrainingSet([Example(r["query"], r["pos"], r["neg"], i) for i, r in enumerate(rows)],
@@ -298,7 +299,7 @@ def test_resume_mid_epoch_two_on_two_processes_equals_the_uninterrupted_run(
 
 
 def test_spawning_needs_no_launcher_and_a_launcher_decides_itself(monkeypatch):
-    from embedrag.launch import check_world_size, workers_to_start
+    from embedrag.train.launch import check_world_size, workers_to_start
 
     for name in ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION",
                  "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):

@@ -9,7 +9,7 @@ import torch
 import evaluate as evaluate_script
 import merge as merge_script
 import train as train_script
-from embedrag.loading import model_config
+from embedrag.model.loading import model_config
 from tests.conftest import build_shipped_code_decoder
 from tests.test_trainer import run_train
 
@@ -97,8 +97,9 @@ def test_bidirectional_training_is_reproduced_by_every_loader(tiny_decoder, lear
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from embedrag.loading import load_embedder
-    from embedrag.modeling import EmbeddingModel, load_tokenizer
+    from embedrag.model.embedding import EmbeddingModel
+    from embedrag.model.loading import load_embedder
+    from embedrag.model.tokens import load_tokenizer
 
     out = tmp_path / "o"
     code, _, trained = run_train(tiny_decoder, learnable_data, out, "--finetune_type", "lora",
@@ -129,7 +130,7 @@ def test_lora_input_casts_off_in_training_and_back_on_for_the_model_handed_out(
         tiny_decoder, learnable_data, tmp_path, monkeypatch):
     """Under bf16 autocast PEFT's input casts are switched off for the run (they only copy);
     the model train() returns embeds outside autocast, which needs them back."""
-    from embedrag import loading
+    from embedrag.model import loading
 
     seen = []
     real = loading.lora_input_casts
@@ -138,7 +139,7 @@ def test_lora_input_casts_off_in_training_and_back_on_for_the_model_handed_out(
         seen.append(enabled)
         real(model, enabled)
 
-    monkeypatch.setattr("embedrag.trainer.lora_input_casts", spy)
+    monkeypatch.setattr("embedrag.train.loop.lora_input_casts", spy)
     _, summary, model = run_train(tiny_decoder, learnable_data, tmp_path / "o", "--finetune_type",
                                   "lora", "--max_steps", "2", "--save_on_epoch_end", "0",
                                   "--mixed_precision", "bf16")

@@ -3,7 +3,7 @@
 import json
 import math
 
-from embedrag.logs import JsonListFile
+from embedrag.train.logs import JsonListFile
 
 
 def test_json_list_is_valid_after_every_append_and_non_finite_is_null(tmp_path):

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from embedrag.loss import info_nce
+from embedrag.losses import info_nce
 
 
 def reference_info_nce(q, p, temperature, masked=frozenset()):
@@ -82,7 +82,7 @@ def reference_kd(q, p, teacher, temperature, kd_temperature):
 
 
 def test_kd_matches_float64_reference_with_unscored_candidates():
-    from embedrag.loss import kd_loss
+    from embedrag.losses import kd_loss
 
     q, p = _batch(b=4, g=3, d=8, seed=2)
     teacher = torch.tensor([[3.0, 1.0, -1.0], [2.0, float("nan"), 0.5],
@@ -97,7 +97,7 @@ def test_kd_matches_float64_reference_with_unscored_candidates():
 
 
 def test_kd_gradient_matches_float64_autograd_and_is_finite():
-    from embedrag.loss import kd_loss
+    from embedrag.losses import kd_loss
 
     q, p = _batch(b=3, g=4, d=8, seed=3)
     teacher = torch.tensor([[2.0, float("nan"), 1.0, 0.0], [1.0, 1.0, 1.0, 1.0],
@@ -121,7 +121,7 @@ def test_objective_sums_weighted_matryoshka_prefixes_and_distillation():
     from types import SimpleNamespace
 
     from embedrag.config import parse_dims
-    from embedrag.loss import objective
+    from embedrag.losses import objective
 
     q, p = _batch(b=3, g=3, d=8, seed=4)
     teacher = torch.tensor([[2.0, 0.0, 1.0], [1.0, float("nan"), 0.0], [0.5, 0.5, 3.0]])
@@ -184,7 +184,7 @@ def _gte_batch():
 
 
 def test_gte_and_margin_match_the_float64_definition():
-    from embedrag.loss import embedding_loss
+    from embedrag.losses import embedding_loss
 
     q, p, ids, rel, relevant = _gte_batch()
     for gte in (False, True):
@@ -222,7 +222,7 @@ def reference_dropped_share(q, p, ids, relevant, gte, margin):
 
 
 def test_margin_reports_the_share_it_drops():
-    from embedrag.loss import embedding_loss
+    from embedrag.losses import embedding_loss
 
     q, p, ids, rel, relevant = _gte_batch()
     for gte in (False, True):
@@ -238,7 +238,7 @@ def test_margin_reports_the_share_it_drops():
 
 
 def test_gte_gradient_matches_float64_autograd():
-    from embedrag.loss import embedding_loss
+    from embedrag.losses import embedding_loss
 
     q, p, ids, rel, relevant = _gte_batch()
     q32, p32 = q.clone().requires_grad_(), p.clone().requires_grad_()

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import merge as merge_script
-from embedrag.merging import PROBES
-from embedrag.modeling import EmbeddingModel, load_tokenizer
+from embedrag.model.embedding import EmbeddingModel
+from embedrag.model.tokens import load_tokenizer
+from embedrag.publish.merge import PROBES
 from tests.conftest import ROOT
 from tests.test_trainer import run_train
 
@@ -119,7 +120,7 @@ def test_qlora_8bit_merges_into_the_model_it_trained_as(adapters, tiny_decoder, 
     (and in eval mode with int8 activations, which EmbedRAG does not use): the default merge
     reproduces the training computation, and evaluate.py's model for the adapter embeds the
     same way."""
-    from embedrag.loading import load_embedder
+    from embedrag.model.loading import load_embedder
 
     adapter = adapters["qlora8"]
     trained, _ = peft_reference(tiny_decoder, adapter, bits=8)
@@ -137,9 +138,9 @@ def test_qlora_8bit_merges_into_the_model_it_trained_as(adapters, tiny_decoder, 
 
 def test_eval_dataset_scores_the_candidates_side_by_side(adapters, tiny_decoder, learnable_data,
                                                          tmp_path, capsys):
-    from embedrag.data import read_jsonl
-    from embedrag.evaluation import evaluate
-    from embedrag.loading import load_embedder
+    from embedrag.data.rows import read_jsonl
+    from embedrag.eval.evaluate import evaluate
+    from embedrag.model.loading import load_embedder
 
     report = _merge(adapters["qlora4"], tiny_decoder, tmp_path / "m", "--eval_dataset",
                     learnable_data)
@@ -157,7 +158,7 @@ def test_eval_dataset_scores_the_candidates_side_by_side(adapters, tiny_decoder,
 
 
 def test_bfloat16_merge_within_documented_tolerance(adapters, tiny_decoder, tmp_path):
-    from embedrag.merging import TOLERANCE
+    from embedrag.publish.merge import TOLERANCE
 
     out = tmp_path / "merged"
     assert merge_script.main(["--base_model_path", tiny_decoder, "--lora_adapter_path",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from embedrag.metrics import query_metrics, retrieval_metrics
+from embedrag.eval.metrics import query_metrics, retrieval_metrics
 
 
 def _scores_for(rankings, n_docs):

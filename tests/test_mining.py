@@ -3,8 +3,8 @@
 import json
 
 import mine_negatives as mine_script
-from embedrag.data import Example, read_jsonl
-from embedrag.mining import bm25_tokens, mine, normalise
+from embedrag.data.rows import Example, read_jsonl
+from embedrag.mining.negatives import bm25_tokens, mine, normalise
 from tests.conftest import learnable_rows, write_jsonl
 
 TOPICS = ["apple pie recipe with cinnamon", "river fishing in spring", "zebra stripes explained",
@@ -44,7 +44,7 @@ def test_no_negative_is_a_positive_and_margin_drops_a_near_duplicate(tmp_path, c
     assert "and 1 within the score margin" in report  # the near-duplicate
     # without the margin the near-duplicate is a candidate (it is what the filter removed)
     examples = read_jsonl(pairs)
-    from embedrag.mining import bm25_scores
+    from embedrag.mining.negatives import bm25_scores
 
     texts = corpus.read_text().splitlines()
     scores = bm25_scores([e.query for e in examples], texts)
@@ -107,7 +107,7 @@ def test_mine_reports_rows_short_of_candidates():
 def test_chunked_scores_mine_like_the_full_matrix():
     import torch
 
-    from embedrag.mining import ChunkedScores
+    from embedrag.mining.negatives import ChunkedScores
 
     gen = torch.Generator().manual_seed(0)
     q, p = torch.randn(2100, 8, generator=gen), torch.randn(50, 8, generator=gen)
@@ -125,8 +125,8 @@ def test_a_corpus_file_is_mined_from_arrow_as_from_a_list(tiny_decoder, tmp_path
     and mines exactly the negatives the same corpus mines as a Python list."""
     import torch
 
-    from embedrag.inputs import TextColumn
-    from embedrag.mining import embedding_ranker
+    from embedrag.data.formats import TextColumn
+    from embedrag.mining.negatives import embedding_ranker
 
     rows = [{"query": r["query"], "pos": r["pos"]} for r in learnable_rows(8)]
     passages = [r["pos"][0] for r in learnable_rows(24)] + [TOPICS[0], TOPICS[0]]

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from embedrag.mixture import FileBatches, expand
+from embedrag.data.mixture import FileBatches, expand
 from tests.conftest import assert_same_weights, learnable_rows, write_jsonl
 from tests.float64 import TOLERANCE
 from tests.test_reliability import _max_diff, _weights
@@ -82,9 +82,9 @@ def two_files(tmp_path_factory):
 
 def test_two_files_train_one_per_step_with_their_instructions_and_resume_exactly(
         tiny_decoder, two_files, tmp_path, monkeypatch):
-    from embedrag import trainer
-    from embedrag.data import tokenize
-    from embedrag.modeling import load_tokenizer
+    from embedrag.data.tokens import tokenize
+    from embedrag.model.tokens import load_tokenizer
+    from embedrag.train import loop as trainer
 
     a, b = two_files
     seen = []

@@ -2,15 +2,14 @@
 
 import torch
 
-from embedrag.modeling import (
+from embedrag.model.embedding import (
     EmbeddingModel,
     cls_pool,
     find_lora_targets,
     last_token_pool,
-    load_tokenizer,
     mean_pool,
-    resolve_append_eos,
 )
+from embedrag.model.tokens import load_tokenizer, resolve_append_eos
 from tests.float64 import float64_norms
 
 

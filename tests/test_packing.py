@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from embedrag import kernels, packing
-from embedrag.data import pad, tokenize
-from embedrag.modeling import EmbeddingModel, load_tokenizer, mean_pool
-from embedrag.packing import length_buckets
+from embedrag.cpu import kernels, packing
+from embedrag.cpu.packing import length_buckets
+from embedrag.data.tokens import pad, tokenize
+from embedrag.model.embedding import EmbeddingModel, mean_pool
+from embedrag.model.tokens import load_tokenizer
 from tests.float64 import float64_norms
 
 TEXTS = ["apple", "banana cherry delta eagle", "tiger lion", "the river near the zebra x y",
@@ -315,7 +316,7 @@ def test_a_bf16_lora_model_is_probed_under_autocast_as_it_trains(tiny_decoder, c
     none, or it fails and the model silently falls back to length buckets."""
     from peft import LoraConfig, get_peft_model
 
-    from embedrag.loading import lora_input_casts
+    from embedrag.model.loading import lora_input_casts
 
     ids, mask = batch(tiny_decoder, "last")
     backbone = AutoModel.from_pretrained(tiny_decoder, attn_implementation="sdpa",

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from embedrag.perf import flops_per_token, matmul_parameters, matmul_peak_flops
+from embedrag.hardware import flops_per_token, matmul_parameters, matmul_peak_flops
 from tests.test_trainer import run_train
 
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from embedrag import precision
 from embedrag.config import TrainConfig
+from embedrag.train import precision
 from tests.test_trainer import run_train
 
 

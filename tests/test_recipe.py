@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 import merge as merge_script
 import train as train_script
-from embedrag.loading import load_embedder
-from embedrag.modeling import load_tokenizer
-from embedrag.recipe import read_recipe
+from embedrag.model.loading import load_embedder
+from embedrag.model.recipe import read_recipe
+from embedrag.model.tokens import load_tokenizer
 from tests.conftest import learnable_rows, write_jsonl
 from tests.test_trainer import run_train
 

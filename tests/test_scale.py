@@ -16,7 +16,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def _batch(tok, n=6, neg=1):
-    from embedrag.data import Collator, Example, TrainingSet
+    from embedrag.data.dataset import Collator, TrainingSet
+    from embedrag.data.rows import Example
 
     rows = learnable_rows(n)
     ex = [Example(r["query"], r["pos"], r["neg"], i) for i, r in enumerate(rows)]
@@ -29,8 +30,8 @@ def _model(kind, path):
     from accelerate.utils import set_seed
 
     from embedrag.config import TrainConfig
-    from embedrag.loading import load_backbone
-    from embedrag.modeling import EmbeddingModel
+    from embedrag.model.embedding import EmbeddingModel
+    from embedrag.model.loading import load_backbone
 
     set_seed(0)
     cfg = TrainConfig(model_name_or_path=path, train_dataset="", output_dir="", batch_size=6,
@@ -60,8 +61,8 @@ def decoder_with_dropout(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["lora", "full"])
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_grad_cache_equals_plain_backprop_with_dropout(kind, chunk, decoder_with_dropout):
-    from embedrag.loss import embedding_loss, grad_cache_step
-    from embedrag.modeling import load_tokenizer
+    from embedrag.losses import embedding_loss, grad_cache_step
+    from embedrag.model.tokens import load_tokenizer
 
     tok = load_tokenizer(decoder_with_dropout)
     batch = _batch(tok)

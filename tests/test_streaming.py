@@ -8,14 +8,15 @@ import sys
 import pytest
 
 import train as train_script
-from embedrag.data import DataError, tokenize
-from embedrag.passages import text_hash
+from embedrag.data.passages import text_hash
+from embedrag.data.rows import DataError
+from embedrag.data.tokens import tokenize
 from tests.conftest import ROOT, learnable_rows, write_jsonl
 from tests.test_trainer import run_train
 
 
 def _stream_set(path, tok, seed=3, buffer=8, neg_nums=2):
-    from embedrag.streaming import StreamingSet, stream_rows
+    from embedrag.data.streaming import StreamingSet, stream_rows
 
     return StreamingSet(stream_rows(path), tok, neg_nums=neg_nums, query_max_len=16,
                         passage_max_len=16, query_instruction="Q: ", passage_instruction="",
@@ -23,7 +24,7 @@ def _stream_set(path, tok, seed=3, buffer=8, neg_nums=2):
 
 
 def test_streamed_items_are_draws_from_their_own_rows(tiny_decoder, tmp_path):
-    from embedrag.modeling import load_tokenizer
+    from embedrag.model.tokens import load_tokenizer
 
     tok = load_tokenizer(tiny_decoder)
     rows = learnable_rows(20)
@@ -86,7 +87,7 @@ def test_a_bad_row_in_the_stream_stops_with_its_line(tiny_decoder, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and f"{path}:13: 'pos' must be a list of strings" in err, err
     with pytest.raises(DataError, match="holds no training rows"):
-        from embedrag.streaming import stream_rows
+        from embedrag.data.streaming import stream_rows
 
         stream_rows(write_jsonl(tmp_path / "empty.jsonl", []))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import score_teacher
-from embedrag.loading import load_embedder
+from embedrag.model.loading import load_embedder
 from tests.conftest import learnable_rows, write_jsonl
 from tests.float64 import TOLERANCE, float64
 from tests.test_trainer import run_train

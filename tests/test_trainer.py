@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import train as train_script
-from embedrag.modeling import EmbeddingModel, load_tokenizer
+from embedrag.model.embedding import EmbeddingModel
+from embedrag.model.tokens import load_tokenizer
 from tests.conftest import ROOT
 
 PROBES = ["apple banana", "the river near the zebra tiger", "xenon", "violet walnut quartz"]
@@ -31,7 +32,7 @@ def _reset_accelerate():
 
 def run_train(model, data, out, *extra):
     """train.py's main() in this process; returns (exit code, summary, trained model)."""
-    from embedrag import trainer
+    from embedrag.train import loop as trainer
 
     captured = {}
     real_train = trainer.train
@@ -121,7 +122,7 @@ def test_what_trains_and_what_stays(trained, tiny_decoder):
             assert not torch.equal(p, fresh[name]), f"{name} did not change"
         return
     from embedrag.config import TrainConfig
-    from embedrag.loading import load_backbone
+    from embedrag.model.loading import load_backbone
 
     set_seed(7)
     cfg = TrainConfig(model_name_or_path=tiny_decoder, train_dataset="", output_dir="",
@@ -230,7 +231,7 @@ def test_bf16_autocast_tracks_fp32(tiny_decoder, learnable_data, tmp_path):
 
 
 def test_schedule_warms_up_and_decays_without_a_zero_step():
-    from embedrag.optim import linear_schedule
+    from embedrag.train.optim import linear_schedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = linear_schedule(opt, warmup=2, total=5)
@@ -290,7 +291,7 @@ def test_encoder_mean_pooling_and_lengths_clamped_to_the_model(tiny_encoder, lea
 
 
 def test_quantized_weights_go_to_this_process_gpu(monkeypatch):
-    from embedrag.loading import quantized_device
+    from embedrag.model.loading import quantized_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert quantized_device(torch.device("cuda")) == 3

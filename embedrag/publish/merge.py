@@ -19,16 +19,22 @@ from typing import Any
 import torch
 
 from embedrag import quiet
-from embedrag.checkpoints import atomic_dir, commit_dir
-from embedrag.config import read_training_config, write_json
-from embedrag.loading import (
+from embedrag.eval.evaluate import evaluate, format_table
+from embedrag.io import atomic_dir, commit_dir, read_json, read_training_config, write_json
+from embedrag.model.embedding import EmbeddingModel, EmbedSettings
+from embedrag.model.loading import (
     check_remote_code,
     match_training_kernels,
     model_config,
     quantization_config,
 )
-from embedrag.modeling import EmbeddingModel, EmbedSettings, load_tokenizer, resolve_append_eos
-from embedrag.recipe import load_head
+from embedrag.model.recipe import load_head
+from embedrag.model.tokens import (
+    load_tokenizer,
+    make_tokenizer_append_eos,
+    resolve_append_eos,
+)
+from embedrag.publish.card import CURVES, write_card
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max abs difference allowed between PEFT and merged embeddings (unit vectors). Merging rounds
@@ -96,31 +102,6 @@ def settings_for(folder: str, tokenizer: Any, say: Callable[[str], None]) -> Emb
     return EmbedSettings.from_training_config(config)
 
 
-def eos_template(tokenizer: Any) -> tuple[str, str, list[tuple[str, int]]]:
-    """A post-processor template (single, pair, special tokens) that ends every text with EOS
-    after truncation, as training did by hand, keeping the special tokens the tokenizer
-    already puts before the text (a BOS, say)."""
-    prefix = tokenizer.convert_ids_to_tokens(tokenizer("", add_special_tokens=True)["input_ids"])
-    eos = tokenizer.eos_token
-    specials = {t: tokenizer.convert_tokens_to_ids(t) for t in [*prefix, eos]}
-    return (" ".join([*prefix, "$A", eos]), " ".join([*prefix, "$A", eos, "$B:1", eos]),
-            list(specials.items()))
-
-
-def make_tokenizer_append_eos(tokenizer: Any) -> bool:
-    """Make the saved tokenizer end every text with EOS itself (`eos_template`), so that plain
-    transformers and sentence-transformers users embed as training did."""
-    from tokenizers import processors
-
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None:
-        return False
-    single, pair, specials = eos_template(tokenizer)
-    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                           special_tokens=specials)
-    return True
-
-
 def write_sentence_transformers_files(path: str, settings: EmbedSettings, dim: int,
                                       dense: list[str]) -> None:
     """modules.json + Pooling (+ the Dense modules already saved in their folders) + Normalize,
@@ -153,8 +134,6 @@ def _embed(model: EmbeddingModel, tok: Any, settings: EmbedSettings) -> torch.Te
 def describe_merge(tmp: str, output_path: str, adapter: str, report: dict[str, Any]) -> None:
     """The merged folder's model card, with the training run's curves and summary when the
     adapter is a run's final/ folder."""
-    from embedrag.card import CURVES, write_card
-    from embedrag.config import read_json
 
     if os.path.isfile(os.path.join(adapter, CURVES)):
         shutil.copyfile(os.path.join(adapter, CURVES), os.path.join(tmp, CURVES))
@@ -277,7 +256,6 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
             f"{gap:.2e} away from the trained one")
     scores: dict[str, dict[str, float]] = {}
     if eval_examples is not None:
-        from embedrag.evaluation import evaluate, format_table
 
         def score(name: str, model: EmbeddingModel) -> None:
             scores[name] = evaluate(model, tokenizer, eval_examples, settings,

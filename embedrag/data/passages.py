@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from embedrag.data.tokens import tokenize
+
 
 def text_hash(text: str) -> int:
     """64-bit identity of a text (collisions: ~1 in 10^10 for a million distinct texts)."""
@@ -68,7 +70,6 @@ def tokenize_column(ds: Any, column: str, tokenizer: Any, *, max_len: int, instr
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, knobs: tuple) -> dict[str, list]:
-    from embedrag.data import tokenize
 
     column, max_len, instruction, eos = knobs
     ids = tokenize(tokenizer, [instruction + t for t in batch[column]], max_len, eos)
@@ -76,7 +77,6 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, knobs: tuple) -> dic
 
 
 def _encode_batch(batch: dict[str, list], tokenizer: Any, settings: tuple) -> dict[str, list]:
-    from embedrag.data import tokenize
 
     q_len, p_len, q_inst, p_inst, eos = settings
     prompts = batch.get("prompt") or [None] * len(batch["query"])  # a row's own instruction

@@ -3,7 +3,7 @@
 `EmbeddingModel` wraps a transformers `AutoModel` (no LM head) and turns token states into one
 L2-normalised vector per text. The same class embeds during training, after reloading a saved
 adapter, and in evaluation, so "embeds as in training" holds by construction. How a path
-becomes one is in `embedrag/loading.py`.
+becomes one is in `embedrag/model/loading.py`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedrag import packing
-from embedrag.data import pad, tokenize
-from embedrag.kernels import ATTENTION, PACKED_CALLS
-from embedrag.packing import length_buckets, pack_chunks
+from embedrag.cpu import packing
+from embedrag.cpu.kernels import ATTENTION, PACKED_CALLS
+from embedrag.cpu.packing import length_buckets, pack_chunks
+from embedrag.data.tokens import pad, tokenize
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -304,38 +304,6 @@ def freeze_unreached(model: nn.Module, tokenizer: Any) -> list[str]:
         if name in unused:
             p.requires_grad_(False)
     return unused
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer with a pad token: its own, else EOS, else UNK."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        fallback = tok.eos_token or tok.unk_token
-        if fallback is None:
-            raise ValueError(f"{path}: the tokenizer has no pad, EOS or UNK token to pad with")
-        tok.pad_token = fallback
-    return tok
-
-
-def tokenizer_adds_eos(tok: Any) -> bool:
-    """Does the tokenizer already end every text with EOS (as Qwen3-Embedding's does)?"""
-    if tok.eos_token_id is None:
-        return False
-    ids = tok("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[-1] == tok.eos_token_id
-
-
-def resolve_append_eos(mode: str, pooling: str, tok: Any) -> bool:
-    """auto: append EOS for last-token pooling when the tokenizer has one and does not add it."""
-    if mode == "yes":
-        if tok.eos_token_id is None:
-            raise ValueError("--append_eos yes, but the tokenizer has no EOS token")
-        return not tokenizer_adds_eos(tok)
-    if mode == "no":
-        return False
-    return pooling == "last" and tok.eos_token_id is not None and not tokenizer_adds_eos(tok)
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from embedrag.perf import cpu_flags, hardware, native_bf16
+from embedrag.cpu import kernels
+from embedrag.hardware import cpu_flags, hardware, native_bf16
+from embedrag.model.loading import model_config
 
 PROBE_TOKENS = 2048  # positions per probe pass: long enough to time, short enough to not wait
 ROUNDS = 3           # timed passes per precision, alternating; the fastest of each counts
@@ -64,8 +66,6 @@ def probe_layer(cfg: Any, device: torch.device) -> Any:
     """The model with one transformer layer, random weights, set up as the run trains it."""
     from transformers import AutoModel
 
-    from embedrag import kernels
-    from embedrag.loading import model_config
 
     config = model_config(cfg.model_name_or_path, attention=cfg.attention,
                           attention_dropout=cfg.attention_dropout,

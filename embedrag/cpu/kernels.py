@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from embedrag.cpu.packing import cheapest_groups
+
 ATTENTION = "embedrag_cpu"
 
 
@@ -158,7 +160,6 @@ def _packed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
     small part of a layer, and never the linear layers. Returns (1, T, H, d)."""
     from torch.nn.utils.rnn import pad_sequence
 
-    from embedrag.packing import cheapest_groups
 
     bounds = segments.tolist()
     lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]

@@ -23,7 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedrag.data import Example
+from embedrag.data.formats import TextColumn
+from embedrag.data.passages import text_hash, tokenize_column
+from embedrag.data.rows import Example
+from embedrag.model.embedding import encode_ids
+from embedrag.model.loading import load_embedder
 
 
 def normalise(text: str) -> str:
@@ -70,16 +74,12 @@ def embedding_ranker(model_path: str, pooling: str | None, batch_size: int,
                      trust_remote_code: bool = False) -> Any:
     """A function (queries, corpus) -> (Q, C) cosine scores with the model, embedding as
     training does (its pooling, instruction, lengths and EOS)."""
-    from embedrag.inputs import TextColumn
-    from embedrag.loading import load_embedder
-    from embedrag.modeling import encode_ids
 
     model, tokenizer, settings = load_embedder(model_path, trust_remote_code=trust_remote_code,
                                                overrides={"pooling": pooling})
 
     def scores(queries: list[str], corpus: Sequence[str]) -> ChunkedScores:
         if isinstance(corpus, TextColumn):  # from Arrow: tokenized (cached), read by batch
-            from embedrag.passages import tokenize_column
 
             table = tokenize_column(corpus.dataset, "text", tokenizer,
                                     max_len=settings.passage_max_len,
@@ -144,7 +144,6 @@ class CorpusIndex:
     sorted numpy array: no dictionary of a million Python strings."""
 
     def __init__(self, corpus: Sequence[str]):
-        from embedrag.passages import text_hash
 
         hashes = np.fromiter((text_hash(normalise(t)) for t in corpus), dtype=np.int64,
                              count=len(corpus))
@@ -152,7 +151,6 @@ class CorpusIndex:
         self.sorted = hashes[self.order]
 
     def get(self, text: str) -> int | None:
-        from embedrag.passages import text_hash
 
         h = text_hash(text)
         at = int(np.searchsorted(self.sorted, h))

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedrag.model.tokens import eos_template
+
 ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
 QUERIES = ["How do I list the files in a directory?"]
 PASSAGES = ["ls lists the contents of a directory, one name per entry.",
@@ -78,7 +80,6 @@ def usage_of(config: dict[str, Any], folder: str, tokenizer: Any, path: str = ""
                          if hasattr(model_config, "use_bidirectional_attention") else "is_causal")
     template = None
     if config.get("append_eos"):
-        from embedrag.merging import eos_template
 
         single, _, specials = eos_template(tokenizer)
         template = (single, specials)

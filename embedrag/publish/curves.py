@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from embedrag.config import read_json
+from embedrag.io import read_json
 
 FILE = "training_curves.png"
 

@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from embedrag.eval.evaluate import format_table
+
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:
     """NaN and infinities (fp16 overflow steps) as null: strict JSON readers reject them."""
@@ -128,7 +130,6 @@ def eval_summary(evals: dict[str, Any], path: str) -> dict[str, Any]:
 
 def done_lines(summary: dict[str, Any]) -> str:
     """The end-of-run report: speed, share of the matmul peak, and the eval table."""
-    from embedrag.evaluation import format_table
 
     totals, t = summary["totals"], summary["throughput"]
     lines = [f"done: {totals['steps']} steps, {totals['samples_per_second']:.1f} samples/s, "

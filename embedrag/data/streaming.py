@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from embedrag.data import DataError, check_row
-from embedrag.inputs import HUB
+from embedrag.data.formats import HUB, jsonl_objects
+from embedrag.data.passages import _encode_batch
+from embedrag.data.rows import DataError, check_row
 
 CHECK_AHEAD = 1000   # rows checked before anything loads
 RECENT = 4096        # passages kept to top up short rows
@@ -59,7 +60,6 @@ def stream_rows(spec: str) -> Any:
         rows = datasets.load_dataset("parquet", data_files=spec, split="train", streaming=True)
         stream = _checked(rows, spec, lambda row, i: f": row {i}")
     else:
-        from embedrag.inputs import jsonl_objects
 
         rows = datasets.IterableDataset.from_generator(jsonl_objects, gen_kwargs={"path": spec})
         stream = _checked(rows, spec, lambda row, i: f":{row['line']}")
@@ -89,7 +89,6 @@ class StreamingSet(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def __iter__(self):
-        from embedrag.passages import _encode_batch
 
         recent: deque[tuple[int, list[int]]] = deque(maxlen=RECENT)
         rows = self.stream.shuffle(seed=self.seed, buffer_size=self.buffer)

@@ -21,7 +21,8 @@ import json
 import os
 from typing import Any
 
-from embedrag.data import MAX_REPORTED_PROBLEMS, OPTIONAL, DataError, check_row, row_features
+from embedrag.data.passages import text_hash
+from embedrag.data.rows import MAX_REPORTED_PROBLEMS, OPTIONAL, DataError, check_row, row_features
 
 HUB = "hub:"
 COLUMNS = ("query", "pos", "neg")
@@ -210,7 +211,6 @@ class TextColumn:
         import datasets
         import numpy as np
 
-        from embedrag.passages import text_hash
 
         ds = _arrow(_corpus_lines, path, datasets.Features({"text": datasets.Value("string")}))
         self.dataset = ds

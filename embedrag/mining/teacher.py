@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
+from embedrag.io import read_json
+from embedrag.model.loading import check_remote_code, load_embedder
+
 KINDS = ("auto", "embedding", "cross-encoder")
 
 
 def teacher_kind(path: str) -> str:
     """'cross-encoder' when the model is a sequence classifier, else 'embedding'."""
-    from embedrag.config import read_json
 
     config = read_json(os.path.join(path, "config.json")) or {}
     archs = config.get("architectures") or []
@@ -35,7 +37,6 @@ def teacher_kind(path: str) -> str:
 class EmbeddingTeacher:
     def __init__(self, path: str, batch_size: int, trust_remote_code: bool = False,
                  dtype: torch.dtype = torch.float32):
-        from embedrag.loading import load_embedder
 
         self.model, self.tokenizer, self.settings = load_embedder(
             path, dtype=dtype, trust_remote_code=trust_remote_code, device=_device())
@@ -66,7 +67,6 @@ class CrossEncoderTeacher:
                  trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from embedrag.loading import check_remote_code
 
         check_remote_code(path, trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -109,7 +109,7 @@ def _split(flat: list[float], like: list[list[str]]) -> list[list[float]]:
 
 def score_file(teacher: Any, source: str, target: str, rows_per_batch: int = 64) -> int:
     """Write `source`'s rows to `target` with pos_scores and neg_scores (other fields kept);
-    returns the row count. The rows must have been checked (embedrag.inputs.load_rows)."""
+    returns the row count. The rows must have been checked (embedrag.data.formats.load_rows)."""
     count = 0
     with open(source, encoding="utf-8-sig") as f, open(target, "w", encoding="utf-8") as out:
         batch: list[dict[str, Any]] = []

@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from embedrag.data.dataset import EpochShuffle, TrainingSet
+from embedrag.data.rows import DataError
+
 DATA_SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -42,7 +45,6 @@ def expand(specs: list[str]) -> list[str]:
             found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
                            if f.endswith(DATA_SUFFIXES))
             if not found:
-                from embedrag.data import DataError
 
                 raise DataError(f"{spec}: a folder without .jsonl or .parquet files (nor one "
                                 "written by save_to_disk)")
@@ -136,7 +138,6 @@ def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
     """(dataset, sampler, what each file is) for one file (`rows`: a dataset or Examples) or
     several (`rows`: {file: dataset}). One file is a TrainingSet in EpochShuffle order, as
     ever; several are a MixedSet in FileBatches order."""
-    from embedrag.data import DataError, EpochShuffle, TrainingSet
 
     num_proc = cfg.preprocessing_num_workers or None
     if not isinstance(rows, dict):
@@ -179,7 +180,6 @@ def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
 
 def parse_weights(spec: str) -> list[float]:
     """--dataset_weights '2,1' -> [2.0, 1.0]; DataError unless finite and positive."""
-    from embedrag.data import DataError
 
     try:
         weights = [float(w) for w in spec.split(",")] if spec else []
@@ -200,7 +200,6 @@ def _check_scored(path: str, data: Any) -> None:
     the first row without them."""
     import pyarrow.compute as pc
 
-    from embedrag.data import DataError
 
     table = data.rows.data
     missing = pc.or_(pc.is_null(table.column("pos_scores")),

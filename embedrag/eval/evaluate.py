@@ -2,7 +2,7 @@
 
 The corpus is every distinct `pos` and `neg` passage of the rows; a query's relevant documents
 are its `pos`. Queries and passages are embedded exactly as training embeds them. (The BEIR
-layout is in embedrag/beir.py.)
+layout is in embedrag/eval/beir.py.)
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
-from embedrag.metrics import METRICS, ranked_metrics, top_ranked, with_prefixes
-from embedrag.modeling import EmbedSettings, encode_ids
+from embedrag.data.dataset import rows_dataset
+from embedrag.data.passages import PassageTable, encode
+from embedrag.eval.metrics import METRICS, ranked_metrics, top_ranked, with_prefixes
+from embedrag.model.embedding import EmbedSettings, encode_ids
 
 
 @torch.no_grad()
@@ -20,7 +22,7 @@ def evaluate(model: Any, tokenizer: Any, rows: Any, settings: EmbedSettings,
              batch_size: int = 32, progress: bool = False, accelerator: Any = None,
              dims: list[int] | None = None) -> dict[str, float]:
     """ndcg@10, mrr@10, recall@1/10/100 and map@100 of `model` (an EmbeddingModel, possibly
-    wrapped by Accelerate) on `rows` (embedrag.inputs.load_rows, or a list of Examples).
+    wrapped by Accelerate) on `rows` (embedrag.data.formats.load_rows, or a list of Examples).
 
     The rows are tokenized into Arrow (cached) and the distinct passages numbered as training
     numbers them; queries and passages are embedded from there, and each query ranked against
@@ -28,8 +30,6 @@ def evaluate(model: Any, tokenizer: Any, rows: Any, settings: EmbedSettings,
     strings. With an `accelerator` of several processes each embeds its share of the texts
     (see `encode_ids`) and every process returns the same metrics as one would. `dims`: also
     the metrics of each listed prefix of the embeddings (re-normalised), as 'dim64/ndcg@10'."""
-    from embedrag.data import rows_dataset
-    from embedrag.passages import PassageTable, encode
 
     was_training = model.training
     model.eval()

@@ -1,12 +1,12 @@
 """The model card: README.md with Hugging Face front matter in every model folder we write.
 
-A folder that is handed on (final/, a checkpoint, a merged model) must say what it is: the
-base model, the data, the flags, how long and on what it trained, how much it improved
-retrieval, and how to embed with it — the last one as code that runs, since a wrong pooling or
-a missing prompt fails silently (see `embedrag/usage.py`). Everything comes from files already
-in the folder or the run's output folder (training_config.json, the JSON logs, the summary
-report), so a card can be rewritten at any time and says only what those files say. PEFT
-writes its own blank template README.md into an adapter folder; ours replaces it.
+A folder that is handed on (final/, a checkpoint, a merged model) must say what it is: the base
+model, the data, the flags, how long and on what it trained, how much it improved retrieval, and
+how to embed with it — the last one as code that runs, since a wrong pooling or a missing prompt
+fails silently (see `embedrag/publish/usage.py`). Everything comes from files already in the
+folder or the run's output folder (training_config.json, the JSON logs, the summary report), so
+a card can be rewritten at any time and says only what those files say. PEFT writes its own
+blank template README.md into an adapter folder; ours replaces it.
 """
 
 from __future__ import annotations
@@ -18,11 +18,19 @@ import shutil
 from typing import Any
 
 from embedrag import __version__
-from embedrag.config import TrainConfig, read_json, read_training_config
-from embedrag.curves import FILE as CURVES
-from embedrag.curves import write_curves
-from embedrag.perf import hardware
-from embedrag.usage import Usage, sentence_transformers_snippet, transformers_snippet, usage_of
+from embedrag.config import TrainConfig
+from embedrag.hardware import hardware
+from embedrag.io import read_json, read_training_config
+from embedrag.model.recipe import model_file
+from embedrag.model.tokens import load_tokenizer
+from embedrag.publish.curves import FILE as CURVES
+from embedrag.publish.curves import write_curves
+from embedrag.publish.usage import (
+    Usage,
+    sentence_transformers_snippet,
+    transformers_snippet,
+    usage_of,
+)
 
 CARD = "README.md"
 PRECISION = {"bf16": "bfloat16 autocast", "fp16": "float16 autocast", "no": "float32"}
@@ -53,7 +61,6 @@ def base_identity(base: str) -> tuple[str | None, dict[str, Any]]:
 
     A Hub id is itself; a folder of the Hub cache (…/models--org--name/snapshots/…) is
     org/name; another local folder is named by its own card's base_model, if it has one."""
-    from embedrag.recipe import model_file
 
     meta = front_matter_of(model_file(base, CARD))
     if not os.path.isdir(base) and HUB_ID.fullmatch(base):
@@ -382,7 +389,6 @@ def write_card(folder: str, *, target: str | None = None, tokenizer: Any = None,
         raise FileNotFoundError(f"{folder}: no training_config.json to describe")
     target = os.path.abspath(target or folder)
     if tokenizer is None:
-        from embedrag.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
     usage = usage_of(config, folder, tokenizer, target)

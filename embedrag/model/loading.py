@@ -17,16 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from embedrag import kernels, quiet
-from embedrag.config import read_json
-from embedrag.modeling import (
-    EmbeddingModel,
-    EmbedSettings,
-    find_lora_targets,
-    load_tokenizer,
-    resolve_append_eos,
-)
-from embedrag.recipe import decide, load_head, model_file, read_recipe
+from embedrag import quiet
+from embedrag.cpu import kernels
+from embedrag.io import read_json
+from embedrag.model.embedding import EmbeddingModel, EmbedSettings, find_lora_targets
+from embedrag.model.recipe import decide, load_head, model_file, read_recipe
+from embedrag.model.tokens import load_tokenizer, resolve_append_eos
 
 
 class ModelError(ValueError):

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedrag.metrics import METRICS, query_metrics, top_ranked, with_prefixes
-from embedrag.modeling import EmbedSettings, encode_ids, encode_with
+from embedrag.data.passages import tokenize_column
+from embedrag.eval.metrics import METRICS, query_metrics, top_ranked, with_prefixes
+from embedrag.model.embedding import EmbedSettings, encode_ids, encode_with
 
 
 def is_beir(path: str) -> bool:
@@ -59,7 +60,6 @@ def load_corpus(folder: str, tokenizer: Any, settings: EmbedSettings) -> Any:
     import datasets
     from datasets.fingerprint import Hasher
 
-    from embedrag.passages import tokenize_column
 
     path = os.path.abspath(os.path.join(folder, "corpus.jsonl"))
     stat = os.stat(path)
@@ -78,7 +78,7 @@ def evaluate_beir(model: Any, tokenizer: Any, folder: str, settings: EmbedSettin
                   split: str = "test", batch_size: int = 32, progress: bool = False,
                   dims: list[int] | None = None) -> dict[str, float]:
     """METRICS of `model` on a BEIR folder's split, averaged over the split's queries (and of
-    each prefix in `dims`, as `embedrag.evaluation.evaluate` reports them)."""
+    each prefix in `dims`, as `embedrag.eval.evaluate.evaluate` reports them)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 

@@ -13,11 +13,34 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from embedrag.card import publish
-from embedrag.checkpoints import (
-    PARTS,
-    RunState,
-    Sums,
+from embedrag.config import TrainConfig, embedding_config
+from embedrag.data.dataset import Collator
+from embedrag.data.mixture import training_data
+from embedrag.data.rows import DataError, Example
+from embedrag.data.streaming import StreamingSet
+from embedrag.eval.evaluate import evaluate
+from embedrag.hardware import utilisation
+from embedrag.io import write_json
+from embedrag.losses import forward_backward, margin_note
+from embedrag.model.embedding import (
+    EmbeddingModel,
+    EmbedSettings,
+    count_parameters,
+    embedding_width,
+    freeze_unreached,
+)
+from embedrag.model.loading import (
+    autocast_dtype,
+    load_backbone,
+    lora_input_casts,
+    max_model_length,
+    routes_experts,
+    shipped_code_errors,
+)
+from embedrag.model.recipe import DEFAULTS, decide, load_head, read_recipe
+from embedrag.model.tokens import load_tokenizer, resolve_append_eos
+from embedrag.publish.card import publish
+from embedrag.train.checkpoints import (
     check_output_dir,
     check_resumable,
     clear_previous_run,
@@ -28,35 +51,11 @@ from embedrag.checkpoints import (
     save_model,
     save_step_checkpoint,
 )
-from embedrag.config import TrainConfig, embedding_config, write_json
-from embedrag.data import Collator, DataError, Example
-from embedrag.evaluation import evaluate
-from embedrag.launch import make_accelerator
-from embedrag.loading import (
-    autocast_dtype,
-    load_backbone,
-    lora_input_casts,
-    max_model_length,
-    routes_experts,
-    shipped_code_errors,
-)
-from embedrag.logs import RunLogger, done_lines, eval_summary, peak_memory
-from embedrag.loss import forward_backward, margin_note
-from embedrag.mixture import training_data
-from embedrag.modeling import (
-    EmbeddingModel,
-    EmbedSettings,
-    count_parameters,
-    embedding_width,
-    freeze_unreached,
-    load_tokenizer,
-    resolve_append_eos,
-)
-from embedrag.optim import linear_schedule, make_optimizer
-from embedrag.perf import utilisation
-from embedrag.precision import resolve as resolve_precision
-from embedrag.recipe import DEFAULTS, decide, load_head, read_recipe
-from embedrag.streaming import StreamingSet
+from embedrag.train.launch import make_accelerator
+from embedrag.train.logs import RunLogger, done_lines, eval_summary, peak_memory
+from embedrag.train.optim import linear_schedule, make_optimizer
+from embedrag.train.precision import resolve as resolve_precision
+from embedrag.train.state import PARTS, RunState, Sums
 
 # bitsandbytes warns on every int8 matmul that it casts fp32 inputs to fp16; once is enough.
 warnings.filterwarnings("once", message=".*MatMul8bitLt: inputs will be cast.*")
@@ -72,7 +71,7 @@ class NonFiniteLossError(RuntimeError):
 
 def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = None,
           ) -> tuple[dict[str, Any], EmbeddingModel]:
-    """Train on `rows` (embedrag.inputs.load_rows, or a list of Examples), save, and return
+    """Train on `rows` (embedrag.data.formats.load_rows, or a list of Examples), save, and return
     (summary report, the trained EmbeddingModel)."""
     from accelerate.utils import DistributedType, broadcast_object_list, set_seed
     from transformers import AutoConfig

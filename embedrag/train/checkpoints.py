@@ -8,7 +8,6 @@ read back with `torch.load(weights_only=True)`, which refuses pickled code.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -16,30 +15,14 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from embedrag.config import TrainConfig, write_json
-
-
-def atomic_dir(path: str) -> str:
-    """A fresh temporary sibling of `path` to write into before `commit_dir`."""
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def commit_dir(tmp: str, path: str) -> None:
-    """Move a finished temporary folder into place, replacing an older one at `path`."""
-    old = path.rstrip("/") + ".old"
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+from embedrag.config import TrainConfig
+from embedrag.io import atomic_dir, commit_dir, write_json
+from embedrag.model.recipe import Dense
+from embedrag.publish.card import write_card
 
 
 def save_model(accelerator: Any, model: Any, tokenizer: Any, training_config: dict[str, Any],
@@ -69,7 +52,6 @@ def save_model(accelerator: Any, model: Any, tokenizer: Any, training_config: di
 def describe(tmp: str, path: str, tokenizer: Any) -> None:
     """The model card (README.md, replacing PEFT's blank template) of a folder being saved;
     a card that cannot be written is reported, never a reason to lose the weights."""
-    from embedrag.card import write_card
 
     try:
         write_card(tmp, target=path, tokenizer=tokenizer)
@@ -77,58 +59,6 @@ def describe(tmp: str, path: str, tokenizer: Any) -> None:
         print(f"warning: no model card for {path}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
-# --- step checkpoints: everything needed to continue exactly where a run stopped ---
-@dataclass
-class RunState:
-    """Where a run stands: everything a step checkpoint holds besides tensors, in one place.
-
-    Running sums that would need the device to answer (losses, token counts) are kept as
-    device tensors in `Sums` between log points and folded in here when a checkpoint is
-    written, so the loop waits for the device once per optimizer step, not once per counter."""
-
-    step: int = 0            # optimizer steps done
-    epoch: int = 1           # the epoch in progress (1-based)
-    micro: int = 0           # micro-batches of this epoch done on each process
-    samples: int = 0         # queries trained on, all processes
-    tokens: int = 0          # real tokens fed to the model before this process started
-    slots: int = 0           # token positions incl. padding, for the padding share
-    epoch_micro: int = 0
-    window_micro: int = 0    # micro-batches since the last log record
-    window_samples: int = 0
-    epoch_loss: float = 0.0  # loss sums, as of the checkpoint
-    window_loss: float = 0.0
-    window_parts: list[float] = field(default_factory=lambda: [0.0, 0.0])  # PARTS' sums
-    last_loss: float = float("nan")
-    elapsed_s: float = 0.0
-    world_size: int = 1
-    evals: dict[str, Any] = field(default_factory=lambda: {"before": None, "per_epoch": []})
-
-    @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> RunState:
-        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass
-class Sums:
-    """Device-side running sums since this process started (or resumed)."""
-
-    window_loss: torch.Tensor
-    epoch_loss: torch.Tensor
-    tokens: torch.Tensor
-    window_parts: torch.Tensor  # (len(PARTS),) the loss's parts, when a recipe splits it
-
-    @classmethod
-    def start(cls, state: RunState, device: torch.device) -> Sums:
-        return cls(torch.tensor(state.window_loss, device=device),
-                   torch.tensor(state.epoch_loss, device=device),
-                   torch.zeros((), dtype=torch.long, device=device),
-                   torch.tensor(state.window_parts, device=device))
-
-    def clone(self) -> Sums:
-        return Sums(*(t.clone() for t in dataclasses.astuple(self)))
-
-
-PARTS = ("infonce", "kd")  # logged as loss_infonce, loss_kd when the loss has parts
 STATE_FILE = "trainer_state.json"     # counters and data position; written last
 TENSORS_FILE = "training_state.pt"    # optimizer, scheduler, RNG; loaded with weights_only
 STEP_DIR = re.compile(r"checkpoint-step-(\d+)$")
@@ -223,7 +153,6 @@ def load_step_checkpoint(path: str, model: Any, optimizer: Any,
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-    from embedrag.recipe import Dense
 
     for name, module in zip(model.head_names, model.head or [], strict=True):
         module.load_state_dict(Dense.load(path, name).state_dict())

@@ -1,0 +1,1 @@
+"""CPU kernels: packed sequences, fast dropout masks, fp32 attention under bf16, RMSNorm."""

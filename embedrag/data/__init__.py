@@ -1,0 +1,1 @@
+"""Training data: input formats, rows, tokens, the training set, mixtures and streaming."""

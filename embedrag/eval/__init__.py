@@ -1,0 +1,1 @@
+"""Retrieval evaluation: metrics, evaluating a model on held-out rows, BEIR."""

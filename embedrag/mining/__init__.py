@@ -1,0 +1,1 @@
+"""Data made with a model: mined hard negatives and teacher scores."""

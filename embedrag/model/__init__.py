@@ -1,0 +1,1 @@
+"""The embedding model: backbone, pooling and head; tokenizers; how a path becomes a model."""

@@ -1,0 +1,1 @@
+"""What leaves a run: model cards, usage snippets, loss curves, merged models."""

@@ -1,0 +1,2 @@
+"""The training loop and what it stands on: launch, precision, optimizer, state, checkpoints,
+logs."""
