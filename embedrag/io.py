@@ -1,19 +1,32 @@
-"""Files written whole or not at all: JSON through a temporary file, folders committed by rename."""
+"""Files and folders written whole or not at all: a file through a temporary one that then takes
+its place, a folder committed by rename; and reading JSON back."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
+@contextmanager
+def replacing(path: str) -> Iterator[str]:
+    """A temporary path to write `path`'s new content to; it takes `path`'s place only when the
+    block ends without an error, so a reader never sees half a file."""
+    tmp = path + ".tmp"
+    yield tmp
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Write through a temporary file, so a reader never sees half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 def read_json(path: str) -> Any:

@@ -21,22 +21,17 @@ FlagEmbedding, sentence-transformers and Tevatron train with (Hinton et al., 201
 Ren et al., 2021); and Matryoshka representation learning (Kusupati et al., 2022): the same
 loss on each listed prefix of the embedding, re-normalised, summed with weights, so the first
 64 dimensions are an embedding of their own.
-
-GradCache (Gao et al., 2021) computes the same loss and gradients for batches too large to
-backpropagate at once: embed in chunks without a graph, take the loss's gradient with respect
-to the embeddings, then re-embed each chunk with a graph (replaying its dropout) and
-backpropagate that cached gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from embedrag.config import TrainConfig
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +66,7 @@ def false_negative_mask(relevant: torch.Tensor, passage_ids: torch.Tensor,
     return mask
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -79,7 +74,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(n, ...) on each of W processes -> (W*n, ...), in rank order, with gradients flowing
     back to each process's own part (Accelerate's `gather` detaches). Same n everywhere:
     Accelerate's even batches guarantee it."""
-    if not _distributed():
+    if not distributed():
         return x
     # torch's functional collective: its backward sends each slot's gradient back to the
     # process the slot came from, summed over processes. (torch.distributed.nn.functional's
@@ -92,7 +87,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def gather_ids(x: torch.Tensor) -> torch.Tensor:
     """Integer ids from every process, no gradients. (n,) -> (W*n,)."""
-    if not _distributed():
+    if not distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
@@ -130,7 +125,7 @@ def embedding_loss(q: torch.Tensor, p: torch.Tensor, relevant: torch.Tensor,
     b, group = q.shape[0], p.shape[0] // q.shape[0]
     offset = q_offset = 0
     queries = q
-    if cross_device and _distributed():
+    if cross_device and distributed():
         offset, q_offset = dist.get_rank() * p.shape[0], dist.get_rank() * b
         p = gather_with_grad(p)                                           # (W*B*G, D)
         passage_ids = gather_ids(passage_ids)                             # (W*B*G,)
@@ -176,12 +171,6 @@ def margin_note(margin: float, share: float) -> str:
             "better model\")")
 
 
-def loss_options(cfg: Any) -> dict[str, Any]:
-    """embedding_loss's keyword arguments from the run's flags."""
-    return {"cross_device": bool(cfg.cross_device_negatives), "gte": bool(cfg.gte_negatives),
-            "margin": cfg.false_negative_margin if cfg.false_negative_margin >= 0 else None}
-
-
 def kd_loss(q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor, temperature: float,
             kd_temperature: float) -> torch.Tensor:
     """Mean over queries of KL(teacher || student) on each query's own G candidates.
@@ -206,17 +195,49 @@ def kd_loss(q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor, temperature
     return terms.sum(dim=-1).mean()
 
 
-def objective(q: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor], cfg: Any,
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss of a batch and its parts (each a weighted sum over the Matryoshka
-    prefixes): InfoNCE, plus kd_weight times distillation when the batch has teacher scores.
+@dataclass(frozen=True)
+class LossSettings:
+    """What the loss takes from the flags, resolved once."""
 
-    q: (B, D); p: (B*G, D) the passage of every slot. Without --matryoshka_dims and
-    --kd_weight this is `embedding_loss` itself."""
-    dims = cfg.matryoshka() or [(q.shape[-1], 1.0)]
-    teacher = batch.get("teacher_scores") if cfg.kd_weight else None
+    temperature: float
+    cross_device: bool = True     # score against every process's passages
+    gte: bool = False             # GTE's query-query and passage-query terms
+    margin: float | None = None   # NV-Retriever's false-negative margin; None: exact texts only
+    kd_weight: float = 0.0        # distillation's weight (0: off)
+    kd_temperature: float = 1.0
+    matryoshka: tuple[tuple[int, float], ...] = ()  # (prefix dimension, weight), largest first
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> LossSettings:
+        return cls(temperature=cfg.temperature, cross_device=bool(cfg.cross_device_negatives),
+                   gte=bool(cfg.gte_negatives),
+                   margin=cfg.false_negative_margin if cfg.false_negative_margin >= 0 else None,
+                   kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature,
+                   matryoshka=tuple(cfg.matryoshka()))
+
+    @property
+    def has_parts(self) -> bool:
+        """Whether the loss is a sum of parts worth logging (distillation, Matryoshka)."""
+        return bool(self.kd_weight or self.matryoshka)
+
+
+def objective(q: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor],
+              loss: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of a batch and its parts (each a weighted sum over the Matryoshka
+    prefixes): InfoNCE, plus kd_weight times distillation when the batch has teacher scores;
+    the parts also hold "margin_dropped" (see `embedding_loss`).
+
+    q: (B, D); p: (B*G, D) the passage of every slot. Without Matryoshka prefixes and
+    distillation this is `embedding_loss` itself."""
+    options = {"cross_device": loss.cross_device, "gte": loss.gte, "margin": loss.margin}
+    parts: dict[str, torch.Tensor] = {}
+    if not loss.has_parts:
+        return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
+                              loss.temperature, **options, stats=parts), parts
+    dims = loss.matryoshka or ((q.shape[-1], 1.0),)
+    teacher = batch.get("teacher_scores") if loss.kd_weight else None
     total = q.new_zeros((), dtype=wide(q).dtype)
-    parts = {"infonce": total.detach().clone()}
+    parts["infonce"] = total.detach().clone()
     if teacher is not None:
         parts["kd"] = total.detach().clone()
     for dim, weight in dims:
@@ -224,117 +245,12 @@ def objective(q: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor], 
         if dim < q.shape[-1]:                       # a prefix, re-normalised
             qd, pd = F.normalize(q[:, :dim], dim=-1), F.normalize(p[:, :dim], dim=-1)
         nce = embedding_loss(qd, pd, batch["relevant_ids"], batch["passage_ids"],
-                             cfg.temperature, **loss_options(cfg),
+                             loss.temperature, **options,
                              stats=parts if dim == q.shape[-1] else None)
         total = total + weight * nce
         parts["infonce"] += weight * nce.detach()
         if teacher is not None:
-            kd = kd_loss(qd, pd, teacher, cfg.temperature, cfg.kd_temperature)
-            total = total + weight * cfg.kd_weight * kd
+            kd = kd_loss(qd, pd, teacher, loss.temperature, loss.kd_temperature)
+            total = total + weight * loss.kd_weight * kd
             parts["kd"] += weight * kd.detach()
     return total, parts
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _rows_everywhere(counts: list[int], device: torch.device) -> list[int]:
-    """The largest of each count over all processes (the counts themselves on one)."""
-    if not _distributed():
-        return counts
-    t = torch.tensor(counts, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    batch: dict[str, torch.Tensor], chunk: int,
-                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    backward: Callable[[torch.Tensor], None],
-                    no_sync: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
-    """One GradCache forward/backward; returns the (detached) loss.
-
-    encode(input_ids, mask) -> embeddings; loss_fn(q, p) -> scalar loss; backward(scalar)
-    backpropagates; no_sync() is the data-parallel wrapper's context that defers gradient
-    synchronisation. Chunks of at most `chunk` texts.
-
-    Several processes must issue the same collectives in the same order, or they wait on each
-    other forever. Deduplicated passages make the number of texts differ between processes, so
-    each process pads its batch (with copies of its first text, which get zero gradient) to
-    the largest count, and all run the same number of chunks; every chunk but the last is
-    re-embedded *and* backpropagated inside no_sync — DDP decides in the forward pass whether
-    the backward pass synchronises — so gradients are reduced once, after the last chunk.
-    """
-    device = batch["query_input_ids"].device
-    kinds = ("query", "passage")
-    real = [batch[f"{kind}_input_ids"].shape[0] for kind in kinds]
-    padded = _rows_everywhere(real, device)
-    parts = []  # (kind, input_ids, mask) per chunk, queries first
-    for kind, n in zip(kinds, padded, strict=True):
-        ids, mask = batch[f"{kind}_input_ids"], batch[f"{kind}_attention_mask"]
-        if n > ids.shape[0]:  # filler rows so that every process runs as many chunks
-            extra = n - ids.shape[0]
-            ids = torch.cat([ids, ids[:1].expand(extra, -1)])
-            mask = torch.cat([mask, mask[:1].expand(extra, -1)])
-        for start in range(0, n, chunk):
-            parts.append((kind, ids[start:start + chunk], mask[start:start + chunk]))
-    # 1. embed every chunk without a graph, remembering the RNG state it started from
-    reps, states = [], []
-    with torch.no_grad():
-        for _, ids, mask in parts:
-            states.append(_rng_state(device))
-            reps.append(encode(ids, mask))
-    q = torch.cat([r for r, (k, _, _) in zip(reps, parts, strict=True) if k == "query"])
-    p = torch.cat([r for r, (k, _, _) in zip(reps, parts, strict=True) if k == "passage"])
-    q, p = q.detach().requires_grad_(), p.detach().requires_grad_()       # (B+, D), (P+, D)
-    # 2. the loss (of the real rows) and its gradient with respect to the embeddings only
-    loss = loss_fn(q[:real[0]], p[:real[1]])
-    grad_q, grad_p = torch.autograd.grad(loss, [q, p])                    # filler rows: 0
-    grads = list(grad_q.split([len(r) for r, (k, _, _) in zip(reps, parts, strict=True)
-                               if k == "query"]))
-    grads += list(grad_p.split([len(r) for r, (k, _, _) in zip(reps, parts, strict=True)
-                                if k == "passage"]))
-    # 3. re-embed each chunk with a graph and the same dropout, push its cached gradient back
-    after = _rng_state(device)
-    for n, ((_, ids, mask), state, g) in enumerate(zip(parts, states, grads, strict=True)):
-        _set_rng_state(state, device)
-        with nullcontext() if n == len(parts) - 1 else no_sync():
-            rep = encode(ids, mask)
-            backward((rep * g).sum())
-    _set_rng_state(after, device)
-    return loss.detach()
-
-
-def forward_backward(accelerator: Any, model: Any, batch: dict[str, torch.Tensor],
-                     cfg: Any, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Embed, score and backpropagate one micro-batch; returns its loss and the loss's parts
-    (and "margin_dropped", see `embedding_loss`)."""
-    parts: dict[str, torch.Tensor] = {}
-
-    def loss_of(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        p = p[batch["passage_index"]]  # distinct passages -> (B*G, D) slots
-        if not (cfg.kd_weight or cfg.matryoshka_dims):  # plain InfoNCE
-            return embedding_loss(q, p, batch["relevant_ids"], batch["passage_ids"],
-                                  cfg.temperature, **loss_options(cfg), stats=parts)
-        loss, found = objective(q, p, batch, cfg)
-        parts.update(found)
-        return loss
-
-    if not cfg.grad_cache_chunk_size:
-        q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
-        p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (P', D)
-        loss = loss_of(q, p)
-        accelerator.backward(loss * scale)
-        return loss, parts
-    loss = grad_cache_step(model, batch, cfg.grad_cache_chunk_size, loss_of,
-                           backward=lambda s: accelerator.backward(s * scale),
-                           no_sync=lambda: accelerator.no_sync(model))
-    return loss, parts

@@ -28,11 +28,12 @@ from accelerate.utils import set_seed  # noqa: E402
 from embedrag.config import TrainConfig  # noqa: E402
 from embedrag.data.dataset import Collator, TrainingSet  # noqa: E402
 from embedrag.data.rows import Example  # noqa: E402
-from embedrag.losses import embedding_loss, forward_backward  # noqa: E402
+from embedrag.losses import LossSettings, embedding_loss  # noqa: E402
 from embedrag.model.embedding import EmbeddingModel  # noqa: E402
 from embedrag.model.loading import load_backbone  # noqa: E402
 from embedrag.model.tokens import load_tokenizer  # noqa: E402
 from embedrag.train.launch import make_accelerator  # noqa: E402
+from embedrag.train.step import forward_backward  # noqa: E402
 from tests.conftest import learnable_rows  # noqa: E402
 from tests.float64 import float64  # noqa: E402
 
@@ -76,7 +77,8 @@ def main(model_path: str, out: str) -> None:
                                   batch["passage_ids"], cfg.temperature)
 
         torch.manual_seed(100 + step)
-        loss, _ = forward_backward(accelerator, model, batch, cfg, 1.0)
+        loss, _ = forward_backward(accelerator, model, batch, LossSettings.from_config(cfg),
+                                   cfg.grad_cache_chunk_size, 1.0)
         torch.manual_seed(100 + step)
         reps = {"query": [], "passage": []}
         for kind in reps:

@@ -139,7 +139,8 @@ def test_lora_input_casts_off_in_training_and_back_on_for_the_model_handed_out(
         seen.append(enabled)
         real(model, enabled)
 
-    monkeypatch.setattr("embedrag.train.loop.lora_input_casts", spy)
+    monkeypatch.setattr("embedrag.train.setup.lora_input_casts", spy)  # on for training
+    monkeypatch.setattr("embedrag.train.loop.lora_input_casts", spy)   # off for the user
     _, summary, model = run_train(tiny_decoder, learnable_data, tmp_path / "o", "--finetune_type",
                                   "lora", "--max_steps", "2", "--save_on_epoch_end", "0",
                                   "--mixed_precision", "bf16")

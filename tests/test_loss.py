@@ -118,20 +118,17 @@ def test_kd_gradient_matches_float64_autograd_and_is_finite():
 
 
 def test_objective_sums_weighted_matryoshka_prefixes_and_distillation():
-    from types import SimpleNamespace
-
     from embedrag.config import parse_dims
-    from embedrag.losses import objective
+    from embedrag.losses import LossSettings, objective
 
     q, p = _batch(b=3, g=3, d=8, seed=4)
     teacher = torch.tensor([[2.0, 0.0, 1.0], [1.0, float("nan"), 0.0], [0.5, 0.5, 3.0]])
     batch = {"relevant_ids": torch.arange(3)[:, None] * 3, "passage_ids": torch.arange(9),
              "teacher_scores": teacher}
     spec = "8:1,4:0.5,2:0.25"
-    cfg = SimpleNamespace(matryoshka=lambda: parse_dims(spec), matryoshka_dims=spec,
-                          kd_weight=0.3, kd_temperature=0.7, temperature=0.05,
-                          cross_device_negatives=1, gte_negatives=0, false_negative_margin=-1.0)
-    loss, parts = objective(q, p, batch, cfg)
+    settings = LossSettings(temperature=0.05, kd_weight=0.3, kd_temperature=0.7,
+                            matryoshka=tuple(parse_dims(spec)))
+    loss, parts = objective(q, p, batch, settings)
     nce = kd = 0.0
     for dim, w in ((8, 1.0), (4, 0.5), (2, 0.25)):
         qd, pd = F.normalize(q[:, :dim].double(), dim=-1), F.normalize(p[:, :dim].double(), dim=-1)

@@ -90,10 +90,10 @@ def test_two_files_train_one_per_step_with_their_instructions_and_resume_exactly
     seen = []
     real = trainer.forward_backward
 
-    def spy(accelerator, model, batch, cfg, scale):
+    def spy(accelerator, model, batch, *args):
         seen.append((batch["rows"].tolist(), batch["query_input_ids"],
                      batch["query_attention_mask"]))
-        return real(accelerator, model, batch, cfg, scale)
+        return real(accelerator, model, batch, *args)
 
     monkeypatch.setattr(trainer, "forward_backward", spy)
     args = ["--finetune_type", "lora", "--gradient_accumulation_steps", "2", "--save_steps", "3",

@@ -61,8 +61,9 @@ def decoder_with_dropout(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["lora", "full"])
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_grad_cache_equals_plain_backprop_with_dropout(kind, chunk, decoder_with_dropout):
-    from embedrag.losses import embedding_loss, grad_cache_step
+    from embedrag.losses import embedding_loss
     from embedrag.model.tokens import load_tokenizer
+    from embedrag.train.step import grad_cache_step
 
     tok = load_tokenizer(decoder_with_dropout)
     batch = _batch(tok)

@@ -34,7 +34,6 @@ class TrainingSet(torch.utils.data.Dataset):
                  passage_max_len: int, query_instruction: str, append_eos: bool, seed: int,
                  source: str = "data", passage_instruction: str = "",
                  num_proc: int | None = None):
-
         self.neg_nums = neg_nums
         self.seed = seed
         self.epoch = 0

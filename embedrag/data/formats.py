@@ -153,20 +153,39 @@ def _check_arrow(ds: Any, source: str) -> Any:
     return ds if ds.features == features else ds.cast(features)
 
 
+def kind_of(spec: str) -> str:
+    """Which reader an input needs: "hub" (hub:ORG/NAME[:SPLIT]), "saved" (a folder written by
+    datasets' save_to_disk), "folder" (a folder of data files), "parquet" or "jsonl"."""
+    if spec.startswith(HUB):
+        return "hub"
+    if os.path.isdir(spec):
+        saved = any(os.path.isfile(os.path.join(spec, f))
+                    for f in ("state.json", "dataset_dict.json"))
+        return "saved" if saved else "folder"
+    return "parquet" if spec.endswith(".parquet") else "jsonl"
+
+
+def hub_name(spec: str) -> tuple[str, str]:
+    """hub:ORG/NAME[:SPLIT] -> (ORG/NAME, SPLIT or "train")."""
+    name, _, split = spec[len(HUB):].partition(":")
+    return name, split or "train"
+
+
 def load_rows(spec: str) -> Any:
     """A checked `datasets.Dataset` with columns query, pos, neg and line (the JSONL line, or
     the row index for other formats); DataError naming the problems otherwise."""
     import datasets
 
-    if spec.startswith(HUB):
-        name, _, split = spec[len(HUB):].partition(":")
+    kind = kind_of(spec)
+    if kind == "hub":
+        name, split = hub_name(spec)
         try:
-            ds = datasets.load_dataset(name, split=split or "train")
+            ds = datasets.load_dataset(name, split=split)
         except Exception as e:  # not reachable offline, no such dataset or split
             raise DataError(f"{spec}: cannot load ({type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
         return _check_arrow(ds, spec)
-    if os.path.isdir(spec):
+    if kind in ("saved", "folder"):
         ds = datasets.load_from_disk(spec)
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
@@ -174,7 +193,7 @@ def load_rows(spec: str) -> Any:
                                 f"({', '.join(ds)}); save the split you mean")
             ds = ds["train"]
         return _check_arrow(ds, spec)
-    if spec.endswith(".parquet"):
+    if kind == "parquet":
         return _check_arrow(datasets.load_dataset("parquet", data_files=spec, split="train"),
                             spec)
     return _from_jsonl(spec)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from embedrag.data.dataset import EpochShuffle, TrainingSet
+from embedrag.data.formats import kind_of
 from embedrag.data.rows import DataError
 
 DATA_SUFFIXES = (".jsonl", ".parquet")
@@ -39,13 +40,10 @@ def expand(specs: list[str]) -> list[str]:
     data files in it (sorted by name)."""
     files = []
     for spec in specs:
-        saved = any(os.path.isfile(os.path.join(spec, f))
-                    for f in ("state.json", "dataset_dict.json"))
-        if os.path.isdir(spec) and not saved:
+        if kind_of(spec) == "folder":
             found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
                            if f.endswith(DATA_SUFFIXES))
             if not found:
-
                 raise DataError(f"{spec}: a folder without .jsonl or .parquet files (nor one "
                                 "written by save_to_disk)")
             files += found

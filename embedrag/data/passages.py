@@ -70,14 +70,12 @@ def tokenize_column(ds: Any, column: str, tokenizer: Any, *, max_len: int, instr
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, knobs: tuple) -> dict[str, list]:
-
     column, max_len, instruction, eos = knobs
     ids = tokenize(tokenizer, [instruction + t for t in batch[column]], max_len, eos)
     return {"ids": ids, "n": [len(i) for i in ids]}
 
 
 def _encode_batch(batch: dict[str, list], tokenizer: Any, settings: tuple) -> dict[str, list]:
-
     q_len, p_len, q_inst, p_inst, eos = settings
     prompts = batch.get("prompt") or [None] * len(batch["query"])  # a row's own instruction
     queries = [(q_inst if p is None else p) + q for p, q in zip(prompts, batch["query"],

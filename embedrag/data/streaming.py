@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from embedrag.data.formats import HUB, jsonl_objects
+from embedrag.data.formats import hub_name, jsonl_objects, kind_of
 from embedrag.data.passages import _encode_batch
 from embedrag.data.rows import DataError, check_row
 
@@ -52,15 +52,15 @@ def stream_rows(spec: str) -> Any:
     the first CHECK_AHEAD rows are checked now."""
     import datasets
 
-    if spec.startswith(HUB):
-        name, _, split = spec[len(HUB):].partition(":")
-        rows = datasets.load_dataset(name, split=split or "train", streaming=True)
+    kind = kind_of(spec)
+    if kind == "hub":
+        name, split = hub_name(spec)
+        rows = datasets.load_dataset(name, split=split, streaming=True)
         stream = _checked(rows, spec, lambda row, i: f": row {i}")
-    elif spec.endswith(".parquet"):
+    elif kind == "parquet":
         rows = datasets.load_dataset("parquet", data_files=spec, split="train", streaming=True)
         stream = _checked(rows, spec, lambda row, i: f": row {i}")
     else:
-
         rows = datasets.IterableDataset.from_generator(jsonl_objects, gen_kwargs={"path": spec})
         stream = _checked(rows, spec, lambda row, i: f":{row['line']}")
     checked = 0
@@ -89,7 +89,6 @@ class StreamingSet(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def __iter__(self):
-
         recent: deque[tuple[int, list[int]]] = deque(maxlen=RECENT)
         rows = self.stream.shuffle(seed=self.seed, buffer_size=self.buffer)
         rows.set_epoch(self.epoch)

@@ -144,14 +144,12 @@ class CorpusIndex:
     sorted numpy array: no dictionary of a million Python strings."""
 
     def __init__(self, corpus: Sequence[str]):
-
         hashes = np.fromiter((text_hash(normalise(t)) for t in corpus), dtype=np.int64,
                              count=len(corpus))
         self.order = np.argsort(hashes, kind="stable")
         self.sorted = hashes[self.order]
 
     def get(self, text: str) -> int | None:
-
         h = text_hash(text)
         at = int(np.searchsorted(self.sorted, h))
         return int(self.order[at]) if at < len(self.sorted) and self.sorted[at] == h else None

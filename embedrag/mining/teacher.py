@@ -37,7 +37,6 @@ def teacher_kind(path: str) -> str:
 class EmbeddingTeacher:
     def __init__(self, path: str, batch_size: int, trust_remote_code: bool = False,
                  dtype: torch.dtype = torch.float32):
-
         self.model, self.tokenizer, self.settings = load_embedder(
             path, dtype=dtype, trust_remote_code=trust_remote_code, device=_device())
         self.batch_size = batch_size

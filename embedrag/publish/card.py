@@ -19,8 +19,9 @@ from typing import Any
 
 from embedrag import __version__
 from embedrag.config import TrainConfig
+from embedrag.data.formats import kind_of
 from embedrag.hardware import hardware
-from embedrag.io import read_json, read_training_config
+from embedrag.io import read_json, read_training_config, write_text
 from embedrag.model.recipe import model_file
 from embedrag.model.tokens import load_tokenizer
 from embedrag.publish.curves import FILE as CURVES
@@ -85,11 +86,12 @@ def count_rows(spec: str) -> int | None:
     key = (os.path.abspath(spec), stat.st_mtime, stat.st_size)
     if key not in _ROWS:  # checkpoints of one run count once
         try:
-            if os.path.isdir(spec):
+            kind = kind_of(spec)
+            if kind in ("saved", "folder"):
                 from datasets import load_from_disk
 
                 _ROWS[key] = load_from_disk(spec).num_rows
-            elif spec.endswith(".parquet"):
+            elif kind == "parquet":
                 import pyarrow.parquet as pq
 
                 _ROWS[key] = pq.ParquetFile(spec).metadata.num_rows
@@ -389,15 +391,12 @@ def write_card(folder: str, *, target: str | None = None, tokenizer: Any = None,
         raise FileNotFoundError(f"{folder}: no training_config.json to describe")
     target = os.path.abspath(target or folder)
     if tokenizer is None:
-
         tokenizer = load_tokenizer(folder)
     usage = usage_of(config, folder, tokenizer, target)
     text = render(folder, config, usage, name=os.path.basename(target), summary=summary,
                   merge=merge)
     path = os.path.join(folder, CARD)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_text(path, text)
     return path
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from embedrag.io import read_json
+from embedrag.io import read_json, replacing
 
 FILE = "training_curves.png"
 
@@ -86,6 +86,6 @@ def write_curves(output_dir: str, summary: dict[str, Any] | None = None) -> str 
         if base else ""
     fig = plot_curves(data, title)
     path = os.path.join(output_dir, FILE)
-    FigureCanvasAgg(fig).print_png(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with replacing(path) as tmp:
+        FigureCanvasAgg(fig).print_png(tmp)
     return path

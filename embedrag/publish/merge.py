@@ -256,7 +256,6 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
             f"{gap:.2e} away from the trained one")
     scores: dict[str, dict[str, float]] = {}
     if eval_examples is not None:
-
         def score(name: str, model: EmbeddingModel) -> None:
             scores[name] = evaluate(model, tokenizer, eval_examples, settings,
                                     batch_size=eval_batch_size)

@@ -80,7 +80,6 @@ def usage_of(config: dict[str, Any], folder: str, tokenizer: Any, path: str = ""
                          if hasattr(model_config, "use_bidirectional_attention") else "is_causal")
     template = None
     if config.get("append_eos"):
-
         single, _, specials = eos_template(tokenizer)
         template = (single, specials)
     return Usage(model_path=path or folder, kind=kind, pooling=config["pooling"],

@@ -24,6 +24,7 @@ import torch
 
 from embedrag.cpu import kernels
 from embedrag.hardware import cpu_flags, hardware, native_bf16
+from embedrag.io import write_json
 from embedrag.model.loading import model_config
 
 PROBE_TOKENS = 2048  # positions per probe pass: long enough to time, short enough to not wait
@@ -140,9 +141,7 @@ def choose(cfg: Any, model_config: Any, device: torch.device) -> dict[str, Any]:
         known[key] = found
         try:  # a read-only home still trains; it only measures again next time
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(known, f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json(path, known)
         except OSError:
             pass
         how = "measured now"

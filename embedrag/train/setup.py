@@ -1,0 +1,261 @@
+"""Everything a run needs before its first step, built once from the flags: the settings the
+model's recipe and size decide, the data and its loader, the model, the optimizer and its
+schedule, and where the run stands (fresh, or as a step checkpoint left it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from embedrag.config import TrainConfig, embedding_config
+from embedrag.data.dataset import Collator
+from embedrag.data.mixture import training_data
+from embedrag.data.streaming import StreamingSet
+from embedrag.losses import LossSettings
+from embedrag.model.embedding import (
+    EmbeddingModel,
+    count_parameters,
+    embedding_width,
+    freeze_unreached,
+)
+from embedrag.model.loading import (
+    load_backbone,
+    lora_input_casts,
+    max_model_length,
+    routes_experts,
+    shipped_code_errors,
+)
+from embedrag.model.recipe import DEFAULTS, decide, load_head, read_recipe
+from embedrag.model.tokens import load_tokenizer, resolve_append_eos
+from embedrag.train.checkpoints import (
+    check_output_dir,
+    check_resumable,
+    clear_previous_run,
+    load_step_checkpoint,
+    read_step_state,
+    resolve_checkpoint,
+)
+from embedrag.train.launch import make_accelerator
+from embedrag.train.logs import RunLogger
+from embedrag.train.optim import linear_schedule, make_optimizer
+from embedrag.train.precision import resolve as resolve_precision
+from embedrag.train.state import RunState
+
+
+class LaunchError(RuntimeError):
+    """The run was started in a way this setup cannot serve."""
+
+
+@dataclass
+class Job:
+    """A run, set up: what the loop steps through, and what it saves and reports."""
+
+    cfg: TrainConfig            # the flags, with what the recipe, model and probe decided
+    accelerator: Any
+    model: Any                  # as Accelerate prepared it (DDP, FSDP, DeepSpeed or itself)
+    embedder: EmbeddingModel    # the module itself, inside whatever Accelerate wraps it in
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    data: Any                   # TrainingSet, MixedSet or StreamingSet
+    tokenizer: Any
+    loss: LossSettings
+    train_config: dict[str, Any]  # training_config.json: how to embed as trained
+    datasets: list[dict[str, Any]]
+    total_steps: int
+    batches_per_epoch: int | None  # None for a stream
+    sharded: bool               # DeepSpeed or FSDP: weights and optimizer state are sharded
+    params: tuple[int, int]     # (trainable, total)
+    state: RunState
+    logger: RunLogger
+    say: Callable[[str], None]  # prints on the main process only
+    resume_from: str | None = None
+    rngs: Any = None            # the checkpoint's RNG states, restored before the first step
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def prepare(cfg: TrainConfig, rows: Any) -> Job:
+    """Set up a run on `rows` (embedrag.data.formats.load_rows, or a list of Examples)."""
+    from accelerate.utils import DistributedType, set_seed
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(cfg.model_name_or_path,
+                                              trust_remote_code=cfg.trust_remote_code)
+    recipe = read_recipe(cfg.model_name_or_path)
+    decided, sources = decide({name: getattr(cfg, name) for name in DEFAULTS}, recipe)
+    cfg = dataclasses.replace(cfg, **decided)  # the caller's flags stay as given
+    precision = None  # auto: measured on this shape, or from this machine's cache
+    if cfg.mixed_precision == "auto":
+        precision = resolve_precision(cfg, model_config)
+        cfg = dataclasses.replace(cfg, mixed_precision=precision["choice"])
+    accelerator = make_accelerator(cfg, cfg.mixed_precision, routes_experts(model_config))
+    say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
+    set_seed(cfg.seed)
+    if precision:
+        say(f"precision: {'bf16 autocast' if precision['choice'] == 'bf16' else 'fp32'} "
+            f"(auto: {precision['reason']})")
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    append_eos = resolve_append_eos(cfg.append_eos, cfg.pooling, tokenizer)
+    cfg = clamp_lengths(cfg, tokenizer, sources, say)
+    say("embedding: " + ", ".join(f"{name} {getattr(cfg, name)!r} ({sources[name]})"
+                                  for name in DEFAULTS))
+
+    data, loader, datasets = make_loader(cfg, rows, tokenizer, append_eos, accelerator, say)
+    check_output_dir(cfg)
+    resume_from = (resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+                   if cfg.resume_from_checkpoint else None)
+    saved = read_step_state(resume_from) if resume_from else None
+    if saved:  # the same job, or refused by name before any weight is loaded
+        check_resumable(cfg, saved["train_args"], accelerator.num_processes,
+                        saved["state"].get("world_size", accelerator.num_processes))
+
+    model, info = make_model(cfg, recipe, model_config, tokenizer, accelerator, say, sources)
+    info.update(datasets=datasets, precision_auto=precision)
+    params = count_parameters(model)
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if (cfg.save_steps or cfg.resume_from_checkpoint) and sharded:
+        raise LaunchError("--save_steps and --resume_from_checkpoint support one process and "
+                          "DDP (accelerate launch --multi_gpu); DeepSpeed and FSDP shard the "
+                          "optimizer state, so use their own checkpointing there")
+    # fp16's GradScaler lets a fused step skip itself, and Accelerate would then not see the
+    # skip (and would step the schedule): fused only without fp16. Sharded optimizer state is
+    # not whole on any process, nor are fused kernels known to work there.
+    optimizer = make_optimizer(model, cfg, fused=not sharded and cfg.mixed_precision != "fp16")
+    embedder = model
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's length is unknown
+    total_steps = count_steps(cfg, batches_per_epoch)
+    # Not prepared by Accelerate: it is stepped here once per optimizer step, on every process.
+    scheduler = linear_schedule(optimizer, math.ceil(total_steps * cfg.warmup_proportion),
+                                total_steps)
+
+    state, rngs = RunState(world_size=accelerator.num_processes), None
+    if saved:
+        rngs = load_step_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer,
+                                    scheduler)
+        state = RunState.from_dict(saved["state"])
+        say(f"resuming from {resume_from}: step {state.step}, epoch {state.epoch}, "
+            f"{state.micro} batches into it")
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)  # a resume may continue in a new folder
+        if not resume_from:
+            clear_previous_run(cfg.output_dir)
+    accelerator.wait_for_everyone()
+    logger = RunLogger(cfg.output_dir, enabled=accelerator.is_main_process,
+                       resume_epoch=state.epoch, resume_step=state.step if resume_from else None)
+    job = Job(cfg=cfg, accelerator=accelerator, model=model, embedder=embedder,
+              optimizer=optimizer, scheduler=scheduler, loader=loader, data=data,
+              tokenizer=tokenizer, loss=LossSettings.from_config(cfg),
+              train_config=embedding_config(cfg, tokenizer, append_eos, info),
+              datasets=datasets, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
+              sharded=sharded, params=params, state=state, logger=logger, say=say,
+              resume_from=resume_from, rngs=rngs)
+    say(banner(job, append_eos))
+    return job
+
+
+def clamp_lengths(cfg: TrainConfig, tokenizer: Any, sources: dict[str, str],
+                  say: Callable[[str], None]) -> TrainConfig:
+    """The query and passage lengths, at most what the model takes (noted in `sources`)."""
+    limit = max_model_length(cfg.model_name_or_path, tokenizer, cfg.trust_remote_code)
+    for name in ("query_max_len", "passage_max_len"):
+        if limit and getattr(cfg, name) > limit:
+            say(f"note: {name} {getattr(cfg, name)} exceeds what the model takes; using {limit}")
+            cfg = dataclasses.replace(cfg, **{name: limit})
+            sources[name] += f", clamped to the model's {limit}"
+    return cfg
+
+
+def make_loader(cfg: TrainConfig, rows: Any, tokenizer: Any, append_eos: bool,
+                accelerator: Any, say: Callable[[str], None]) -> tuple[Any, Any, list[dict]]:
+    """(dataset, loader, what each file is). A table is tokenized once, and an epoch re-draws
+    the order and the negatives; a stream is tokenized as its rows come."""
+    texts = {"neg_nums": cfg.neg_nums, "query_max_len": cfg.query_max_len,
+             "passage_max_len": cfg.passage_max_len, "query_instruction": cfg.query_instruction,
+             "passage_instruction": cfg.passage_instruction, "append_eos": append_eos,
+             "seed": cfg.seed}
+    collate = Collator(None, tokenizer.pad_token_id, tokenizer.padding_side)
+    if cfg.streaming:  # rows drawn through a shuffle buffer
+        data = StreamingSet(rows, tokenizer, buffer=cfg.shuffle_buffer, **texts)
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size,
+                                             num_workers=cfg.num_workers, collate_fn=collate)
+        return data, loader, [{"path": cfg.train_files()[0], "streamed": True}]
+    # One file in a seeded order; several, one file per optimizer step (data/mixture.py).
+    block = accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
+    with accelerator.main_process_first():  # one process tokenizes, the others read it
+        data, sampler, datasets = training_data(rows, tokenizer, cfg, texts, block)
+    collate.data = data
+    if data.short_rows:
+        say(f"note: {data.short_rows} of {len(data)} rows have fewer than {cfg.neg_nums} "
+            "negatives; they are topped up with other rows' passages")
+    # The loader's own generator only seeds its workers; keeping it off the global generator
+    # leaves dropout's random stream to the model.
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed))
+    return data, loader, datasets
+
+
+def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
+               accelerator: Any, say: Callable[[str], None], sources: dict[str, str],
+               ) -> tuple[EmbeddingModel, dict[str, Any]]:
+    """The embedding model on the training device, with what training_config.json says of it.
+    Parameters the embedding never reaches are frozen (DDP would wait for their gradients)."""
+    backbone, info = load_backbone(cfg, accelerator.device)
+    lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # autocast casts them
+    head = load_head(cfg.model_name_or_path, recipe.dense)  # the model's Dense layers, if any
+    if head is not None:
+        head.to(accelerator.device).requires_grad_(cfg.finetune_type == "full")
+    model = EmbeddingModel(backbone, cfg.pooling, head, recipe.dense)
+    unused = []
+    # Not for mixtures of experts: two tokens reach only the experts they are routed to.
+    if not routes_experts(model_config):
+        with shipped_code_errors(cfg.model_name_or_path, cfg.trust_remote_code), \
+                accelerator.autocast():
+            unused = freeze_unreached(model, tokenizer)  # also the model's first forward
+    if unused:
+        say(f"note: {len(unused)} parameter tensor(s) the embedding does not use are frozen "
+            f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")
+    width = embedding_width(model)
+    if cfg.matryoshka() and cfg.matryoshka()[0][0] > width:
+        raise LaunchError(f"--matryoshka_dims {cfg.matryoshka_dims}: the model's embeddings "
+                          f"have {width} dimensions")
+    info.update(frozen_unused_parameters=unused, settings_from=sources,
+                dense_modules=recipe.dense, attention=cfg.attention, embedding_dim=width,
+                matryoshka_dims=[d for d, _ in cfg.matryoshka()] or None)
+    return model, info
+
+
+def count_steps(cfg: TrainConfig, batches_per_epoch: int | None) -> int:
+    """Optimizer steps in the run: --max_steps, at most --epochs passes over the data."""
+    accum = cfg.gradient_accumulation_steps
+    if batches_per_epoch is None:  # a stream: --max_steps is required
+        return cfg.max_steps
+    whole = math.ceil(batches_per_epoch / accum) * cfg.epochs
+    steps = cfg.max_steps or whole
+    return min(steps, whole) if batches_per_epoch else steps
+
+
+def banner(job: Job, append_eos: bool) -> str:
+    """The run in one line: what trains on what, how it is batched, how long."""
+    cfg, datasets = job.cfg, job.datasets
+    rows = ("streamed rows" if cfg.streaming else f"{len(job.data)} rows, "
+            f"{sum(d['passages'] for d in datasets)} passages"
+            + (f" in {len(datasets)} files" if len(datasets) > 1 else ""))
+    trainable, total = job.params
+    warmup = math.ceil(job.total_steps * cfg.warmup_proportion)
+    return (f"embedrag: {cfg.finetune_type} on {cfg.model_name_or_path} | {rows} | "
+            f"{job.world} process(es) x batch {cfg.batch_size} x accum "
+            f"{cfg.gradient_accumulation_steps} | {job.total_steps} steps ({warmup} warmup) | "
+            f"trainable {trainable:,} of {total:,} params | append_eos={append_eos}")
+
