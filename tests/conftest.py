@@ -16,6 +16,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one core per worker, f
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The files whose tests run longest start first, so that the two workers of `pytest -n 2
+# --dist loadfile` end near the same time instead of one waiting on a late long file.
+LONG_FIRST = ("test_real_encoder.py", "test_launch.py", "test_reliability.py", "test_scale.py",
+              "test_mixture.py", "test_streaming.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        name = os.path.basename(str(item.fspath))
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
+
+
 WORDS = ("apple banana cherry delta eagle falcon garnet harbor island jungle kettle lemon "
          "marble nickel orange pepper quartz river saddle tiger umber violet walnut xenon "
          "yellow zebra").split()
