@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 
 import pytest
+
+from tests.helpers import ROOT, WORDS, learnable_rows, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one core per worker, for its runs too
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # The files whose tests run longest start first, so that the two workers of `pytest -n 2
@@ -28,31 +28,6 @@ def pytest_collection_modifyitems(items: list) -> None:
         return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file is kept
-
-
-WORDS = ("apple banana cherry delta eagle falcon garnet harbor island jungle kettle lemon "
-         "marble nickel orange pepper quartz river saddle tiger umber violet walnut xenon "
-         "yellow zebra").split()
-
-
-def learnable_rows(n: int = 24, seed: int = 0) -> list[dict]:
-    """Rows whose positive shares the query's words: a random model can learn to retrieve it."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        a, b = WORDS[i % len(WORDS)], WORDS[(3 * i + 5) % len(WORDS)]
-        rows.append({"query": f"{a} {b}", "pos": [f"the {a} near the {b} {rng.choice(WORDS)}"]})
-    for i, row in enumerate(rows):
-        others = [r["pos"][0] for j, r in enumerate(rows) if j != i]
-        row["neg"] = rng.sample(others, min(3, len(others)))
-    return rows
-
-
-def write_jsonl(path, rows) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 def build_tiny_decoder(path: str, padding_side: str = "right") -> str:
@@ -102,17 +77,6 @@ def build_tiny_encoder(path: str) -> str:
     BertModel(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return path
-
-
-def assert_same_weights(a, b, atol):
-    """Two state dicts hold the same tensors, every coordinate within `atol` (no relative
-    slack). Runs compared across batch shapes or process counts run in float64
-    (tests/float64.py), where `atol` is its TOLERANCE."""
-    import torch
-
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
 @pytest.fixture(scope="session")

@@ -34,8 +34,8 @@ from embedrag.model.loading import load_backbone  # noqa: E402
 from embedrag.model.tokens import load_tokenizer  # noqa: E402
 from embedrag.train.launch import make_accelerator  # noqa: E402
 from embedrag.train.step import forward_backward  # noqa: E402
-from tests.conftest import learnable_rows  # noqa: E402
 from tests.float64 import float64  # noqa: E402
+from tests.helpers import learnable_rows  # noqa: E402
 
 
 def batch_of(rank: int, step: int, tok) -> dict:

@@ -10,7 +10,7 @@ import pytrec_eval
 import torch
 
 import evaluate as evaluate_script
-from tests.conftest import WORDS
+from tests.helpers import WORDS
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import sys
 
 from embedrag.config import TrainConfig, build_parser
 from embedrag.train.checks import parse_args
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SEED_DEFAULTS = {"finetune_type": "qlora", "quantization_bits": 4, "lr": 1e-4, "epochs": 2,
                  "neg_nums": 2, "temperature": 0.02, "query_max_len": 256,

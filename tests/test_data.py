@@ -8,8 +8,8 @@ from embedrag.data.rows import DataError, read_jsonl
 from embedrag.data.tokens import pad, tokenize
 from embedrag.losses import false_negative_mask
 from embedrag.model.tokens import load_tokenizer
-from tests.conftest import ROOT, learnable_rows, write_jsonl
 from tests.float64 import float64_norms
+from tests.helpers import ROOT, learnable_rows, write_jsonl
 
 
 def test_reads_rows_skipping_blank_lines_with_bom_and_crlf(tmp_path):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import evaluate as evaluate_script
-from tests.conftest import ROOT
-from tests.test_trainer import run_train
+from tests.helpers import ROOT, run_train
 
 
 @pytest.fixture(scope="module")

@@ -7,44 +7,26 @@ step 2, not step 1."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train as train_script
-from tests.conftest import ROOT, assert_same_weights, learnable_rows, write_jsonl
 from tests.float64 import TOLERANCE
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "2"]
-# train.py with its models in float64, for runs compared across batch shapes or process counts
-FLOAT64 = ["tests/float64.py", "train.py"]
-
-
-def _flags(model, data, out, batch, *extra):
-    return ["--model_name_or_path", model, "--train_dataset", data, "--output_dir", str(out),
-            "--batch_size", str(batch), "--seed", "3", "--save_on_epoch_end", "0", *extra]
-
-
-def _run(cmd, env=ENV, code=0):
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == code, done.stderr[-3000:]
-    return done
-
-
-def _weights(folder):
-    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() \
-        else "model.safetensors"
-    return load_file(str(folder / name))
-
-
-def _logged(out, name="detailed_training_logs.json"):
-    return json.loads((out / name).read_text())
-
+from tests.helpers import (
+    ENV,
+    FLOAT64,
+    ROOT,
+    TORCHRUN,
+    assert_same_weights,
+    flags,
+    learnable_rows,
+    logs,
+    run,
+    weights,
+    write_jsonl,
+)
 
 # --- the real all-MiniLM-L6-v2, full fine-tuning: the README's encoder example -------------
 
@@ -84,16 +66,16 @@ def test_minilm_full_on_two_processes_equals_one_process_with_the_double_batch(
     common = ["--finetune_type", "full", "--pooling", "mean", "--lr", "5e-5", "--epochs", "1",
               "--neg_nums", "1", "--temperature", "0.05", "--query_max_len", "32",
               "--passage_max_len", "48", "--eval_dataset", held_out, "--eval_batch_size", "8"]
-    one = _run([sys.executable, *FLOAT64,
-                *_flags(minilm_without_dropout, train, tmp_path / "one", 8, *common)])
-    _run([*TORCHRUN, *FLOAT64,
-          *_flags(minilm_without_dropout, train, tmp_path / "two", 4, *common)])
+    one = run([sys.executable, *FLOAT64,
+               *flags(minilm_without_dropout, train, tmp_path / "one", 8, *common)])
+    run([*TORCHRUN, *FLOAT64,
+         *flags(minilm_without_dropout, train, tmp_path / "two", 4, *common)])
     # 24 rows / (2 x 4) = 3 steps: past step 2, where DDP would stop on the unused pooler
-    runs = {d: _logged(tmp_path / d) for d in ("one", "two")}
+    runs = {d: logs(tmp_path / d) for d in ("one", "two")}
     assert [r["step"] for r in runs["two"]] == list(range(1, 4))
     assert [r["loss"] for r in runs["two"]] == pytest.approx([r["loss"] for r in runs["one"]],
                                                              rel=0, abs=TOLERANCE)
-    assert_same_weights(_weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final"),
+    assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"),
                         atol=TOLERANCE)
     reports = {d: json.loads((tmp_path / d / "training_summary_report.json").read_text())
                for d in ("one", "two")}
@@ -111,16 +93,16 @@ def test_minilm_full_on_two_processes_equals_one_process_with_the_double_batch(
     # the user's own spelling, float32: train.py starts its two workers itself, as torchrun
     # does; two steps compare the two ways of starting the same workers
     short = [*common, "--max_steps", "2"]
-    _run([*TORCHRUN, "train.py", *_flags(minilm_without_dropout, train, tmp_path / "torchrun", 4,
-                                         *short)])
-    code = train_script.main(_flags(minilm_without_dropout, train, tmp_path / "spawned", 4,
-                                    *short, "--num_processes", "2"))
+    run([*TORCHRUN, "train.py", *flags(minilm_without_dropout, train, tmp_path / "torchrun", 4,
+                                       *short)])
+    code = train_script.main(flags(minilm_without_dropout, train, tmp_path / "spawned", 4,
+                                   *short, "--num_processes", "2"))
     assert code == 0
     assert sorted(os.listdir(tmp_path / "spawned")) == sorted(os.listdir(tmp_path / "two"))
-    assert [r["loss"] for r in _logged(tmp_path / "spawned")] == \
-        [r["loss"] for r in _logged(tmp_path / "torchrun")]
-    assert_same_weights(_weights(tmp_path / "torchrun" / "final"),
-                        _weights(tmp_path / "spawned" / "final"), atol=0)
+    assert [r["loss"] for r in logs(tmp_path / "spawned")] == \
+        [r["loss"] for r in logs(tmp_path / "torchrun")]
+    assert_same_weights(weights(tmp_path / "torchrun" / "final"),
+                        weights(tmp_path / "spawned" / "final"), atol=0)
     spawned, torchrun = (json.loads((tmp_path / d / "training_summary_report.json").read_text())
                          for d in ("spawned", "torchrun"))
     assert spawned["world_size"] == 2 and spawned["eval"] == torchrun["eval"]
@@ -170,21 +152,21 @@ def test_grad_cache_on_two_processes_with_uneven_chunks_equals_plain_backprop(
     assert any(a != b for a, b in counts), counts  # what used to hang
     common = ["--finetune_type", "lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout",
               "0", "--lr", "1e-2", "--neg_nums", "1", "--temperature", "0.05", "--epochs", "1"]
-    plain = _run([*TORCHRUN, *FLOAT64, *_flags(tiny_decoder, data, tmp_path / "plain", 4,
-                                               *common)])
+    plain = run([*TORCHRUN, *FLOAT64, *flags(tiny_decoder, data, tmp_path / "plain", 4,
+                                             *common)])
     assert "FutureWarning" not in plain.stderr  # the gather keeps gradients, undeprecated
-    _run([*TORCHRUN, *FLOAT64, *_flags(tiny_decoder, data, tmp_path / "gc", 4, *common,
-                                       "--grad_cache_chunk_size", "1")])
-    logged = {d: _logged(tmp_path / d) for d in ("plain", "gc")}
+    run([*TORCHRUN, *FLOAT64, *flags(tiny_decoder, data, tmp_path / "gc", 4, *common,
+                                     "--grad_cache_chunk_size", "1")])
+    logged = {d: logs(tmp_path / d) for d in ("plain", "gc")}
     assert len(logged["gc"]) == 3  # 24 rows / (2 x 4) = 3 steps
     assert [r["loss"] for r in logged["gc"]] == pytest.approx(
         [r["loss"] for r in logged["plain"]], rel=0, abs=TOLERANCE)
-    assert_same_weights(_weights(tmp_path / "plain" / "final"), _weights(tmp_path / "gc" / "final"),
+    assert_same_weights(weights(tmp_path / "plain" / "final"), weights(tmp_path / "gc" / "final"),
                         atol=TOLERANCE)
     # without shared negatives each process sees only its own half: an easier task
-    _run([*TORCHRUN, "train.py", *_flags(tiny_decoder, data, tmp_path / "alone", 4, *common,
-                                         "--cross_device_negatives", "0")])
-    assert _logged(tmp_path / "alone")[0]["loss"] < logged["plain"][0]["loss"] - 0.1
+    run([*TORCHRUN, "train.py", *flags(tiny_decoder, data, tmp_path / "alone", 4, *common,
+                                       "--cross_device_negatives", "0")])
+    assert logs(tmp_path / "alone")[0]["loss"] < logged["plain"][0]["loss"] - 0.1
 
 
 def test_gte_and_margin_on_two_processes_equal_one_process_with_the_double_batch(
@@ -194,15 +176,15 @@ def test_gte_and_margin_on_two_processes_equal_one_process_with_the_double_batch
     common = ["--finetune_type", "lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout",
               "0", "--lr", "1e-2", "--neg_nums", "1", "--temperature", "0.05", "--epochs", "1",
               "--gte_negatives", "1", "--false_negative_margin", "0.2"]
-    _run([*TORCHRUN, *FLOAT64, *_flags(tiny_decoder, learnable_data, tmp_path / "two", 4,
-                                       *common)])
-    _run([sys.executable, *FLOAT64, *_flags(tiny_decoder, learnable_data, tmp_path / "one", 8,
-                                            *common, "--num_processes", "1")])
-    two, one = _logged(tmp_path / "two"), _logged(tmp_path / "one")
+    run([*TORCHRUN, *FLOAT64, *flags(tiny_decoder, learnable_data, tmp_path / "two", 4,
+                                     *common)])
+    run([sys.executable, *FLOAT64, *flags(tiny_decoder, learnable_data, tmp_path / "one", 8,
+                                          *common, "--num_processes", "1")])
+    two, one = logs(tmp_path / "two"), logs(tmp_path / "one")
     assert len(two) == len(one) == 3
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=0,
                                                      abs=TOLERANCE)
-    assert_same_weights(_weights(tmp_path / "two" / "final"), _weights(tmp_path / "one" / "final"),
+    assert_same_weights(weights(tmp_path / "two" / "final"), weights(tmp_path / "one" / "final"),
                         atol=TOLERANCE)
 
 
@@ -210,7 +192,7 @@ def test_grad_cache_with_dropout_on_two_processes_equals_plain_backprop(tiny_dec
                                                                          tmp_path):
     """Dropout on, three optimizer steps through DDP: GradCache's gradients equal those of
     one graph over the same chunks drawn from the same random state (tests/dist_grad_cache.py)."""
-    done = _run([*TORCHRUN, "tests/dist_grad_cache.py", tiny_decoder, str(tmp_path)])
+    done = run([*TORCHRUN, "tests/dist_grad_cache.py", tiny_decoder, str(tmp_path)])
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for result in results:
         assert result["steps"] == 3, done.stdout
@@ -225,15 +207,15 @@ def test_nan_on_one_process_stops_both_at_the_same_step_with_one_checkpoint(
         tiny_decoder, learnable_data, tmp_path):
     env = {**ENV, "EMBEDRAG_FAULTS": json.dumps({"nan_at_step": 3, "nan_rank": 1})}
     out = tmp_path / "o"
-    done = _run([sys.executable, "tests/faults.py",
-                 *_flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
-                         "--num_processes", "2")], env=env, code=3)
+    done = run([sys.executable, "tests/faults.py",
+                *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
+                       "--num_processes", "2")], env=env, code=3)
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("train.py:")]
     assert len(lines) == 1 and "not finite at step 3 (epoch 1)" in lines[0], done.stderr
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-step-2"]
-    assert [r["step"] for r in _logged(out)] == [1, 2]
+    assert [r["step"] for r in logs(out)] == [1, 2]
     assert not (out / "final").exists()
 
 
@@ -243,9 +225,9 @@ def test_a_failing_worker_is_reported_once_with_its_exit_code(tiny_decoder, lear
     user as that worker's one line, with its exit code."""
     out = tmp_path / "o"
     env = {**ENV, "EMBEDRAG_FAULTS": json.dumps({"fail_rank": 1})}
-    done = _run([sys.executable, "tests/faults.py",
-                 *_flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
-                         "--num_processes", "2")], env=env, code=2)
+    done = run([sys.executable, "tests/faults.py",
+                *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
+                       "--num_processes", "2")], env=env, code=2)
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("train.py:")]
     assert lines == ["train.py: worker 1 of 2: error: injected on rank 1"], \
         done.stderr[-2000:]
@@ -258,10 +240,10 @@ def test_auto_precision_is_decided_once_and_shared_by_every_process(tiny_decoder
     out, probed = tmp_path / "o", tmp_path / "probed.txt"
     env = {**ENV, "EMBEDRAG_FAULTS": json.dumps({"probe": {"log": str(probed)}}),
            "EMBEDRAG_CACHE": str(tmp_path / "cache")}
-    done = _run([sys.executable, "tests/faults.py",
-                 *_flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
-                         "--num_processes", "2", "--max_steps", "2",
-                         "--mixed_precision", "auto")], env=env)
+    done = run([sys.executable, "tests/faults.py",
+                *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
+                       "--num_processes", "2", "--max_steps", "2",
+                       "--mixed_precision", "auto")], env=env)
     assert probed.read_text() == "0\n"
     config = json.loads((out / "final" / "training_config.json").read_text())
     assert config["mixed_precision"] == "bf16"
@@ -281,19 +263,19 @@ def test_resume_mid_epoch_two_on_two_processes_equals_the_uninterrupted_run(
               "--lora_dropout", "0.2", "--neg_nums", "2", "--epochs", "2", "--save_steps", "2",
               "--eval_dataset", small_eval]
     whole = tmp_path / "whole"
-    assert train_script.main(_flags(tiny_decoder, learnable_data, whole, 2, *common,
-                                    "--num_processes", "2")) == 0
+    assert train_script.main(flags(tiny_decoder, learnable_data, whole, 2, *common,
+                                   "--num_processes", "2")) == 0
     # 24 rows / (2 x 2) = 6 steps per epoch; step 8 is mid-epoch 2
     state = json.loads((whole / "checkpoint-step-8" / "trainer_state.json").read_text())
     assert state["state"]["epoch"] == 2 and state["state"]["micro"] == 2
     resumed = tmp_path / "resumed"
-    _run([*TORCHRUN, "train.py", *_flags(tiny_decoder, learnable_data, resumed, 2, *common,
-                                         "--resume_from_checkpoint",
-                                         str(whole / "checkpoint-step-8"))])
-    assert_same_weights(_weights(whole / "final"), _weights(resumed / "final"), atol=0)
-    assert [r["loss"] for r in _logged(resumed)] == pytest.approx(
-        [r["loss"] for r in _logged(whole)][8:], abs=1e-6)
-    epochs = [_logged(d, "training_losses.json") for d in (whole, resumed)]
+    run([*TORCHRUN, "train.py", *flags(tiny_decoder, learnable_data, resumed, 2, *common,
+                                       "--resume_from_checkpoint",
+                                       str(whole / "checkpoint-step-8"))])
+    assert_same_weights(weights(whole / "final"), weights(resumed / "final"), atol=0)
+    assert [r["loss"] for r in logs(resumed)] == pytest.approx(
+        [r["loss"] for r in logs(whole)][8:], abs=1e-6)
+    epochs = [logs(d, "training_losses.json") for d in (whole, resumed)]
     assert epochs[1][-1]["mean_loss"] == pytest.approx(epochs[0][-1]["mean_loss"], abs=1e-6)
     assert epochs[1][-1]["eval"] == pytest.approx(epochs[0][-1]["eval"], abs=1e-6)
 

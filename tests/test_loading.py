@@ -11,7 +11,7 @@ import merge as merge_script
 import train as train_script
 from embedrag.model.loading import model_config
 from tests.conftest import build_shipped_code_decoder
-from tests.test_trainer import run_train
+from tests.helpers import run_train
 
 PROBES = ["apple banana", "the river near the zebra tiger", "xenon", "violet walnut quartz"]
 

@@ -13,8 +13,7 @@ import merge as merge_script
 from embedrag.model.embedding import EmbeddingModel
 from embedrag.model.tokens import load_tokenizer
 from embedrag.publish.merge import PROBES
-from tests.conftest import ROOT
-from tests.test_trainer import run_train
+from tests.helpers import ROOT, run_train
 
 ADAPTERS = {"lora": ["--finetune_type", "lora"],
             "qlora4": ["--finetune_type", "qlora", "--quantization_bits", "4"],

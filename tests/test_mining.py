@@ -5,7 +5,7 @@ import json
 import mine_negatives as mine_script
 from embedrag.data.rows import Example, read_jsonl
 from embedrag.mining.negatives import bm25_tokens, mine, normalise
-from tests.conftest import learnable_rows, write_jsonl
+from tests.helpers import learnable_rows, write_jsonl
 
 TOPICS = ["apple pie recipe with cinnamon", "river fishing in spring", "zebra stripes explained",
           "tiger habitat in asia", "violet flowers in the garden", "walnut bread baking",
@@ -66,7 +66,7 @@ def test_deterministic_for_a_seed(tmp_path):
 
 
 def test_mined_rows_validate_and_train(tiny_decoder, tmp_path):
-    from tests.test_trainer import run_train
+    from tests.helpers import run_train
 
     rows = [{"query": r["query"], "pos": r["pos"]} for r in learnable_rows(12)]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)

@@ -8,10 +8,20 @@ import pytest
 import torch
 
 from embedrag.data.mixture import FileBatches, expand
-from tests.conftest import assert_same_weights, learnable_rows, write_jsonl
 from tests.float64 import TOLERANCE
-from tests.test_reliability import _max_diff, _weights
-from tests.test_trainer import run_train
+from tests.helpers import (
+    FLOAT64,
+    TORCHRUN,
+    assert_same_weights,
+    flags,
+    learnable_rows,
+    logs,
+    max_diff,
+    run,
+    run_train,
+    weights,
+    write_jsonl,
+)
 
 
 def _file_of(row, sizes):
@@ -129,7 +139,7 @@ def test_two_files_train_one_per_step_with_their_instructions_and_resume_exactly
     out = tmp_path / "resumed"
     assert run_train(tiny_decoder, a, out, *args, "--resume_from_checkpoint",
                      str(checkpoint))[0] == 0
-    assert _max_diff(_weights(whole / "final"), _weights(out / "final")) < 1e-5
+    assert max_diff(weights(whole / "final"), weights(out / "final")) < 1e-5
     logged = json.loads((out / "detailed_training_logs.json").read_text())
     assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in reference[6:]],
                                                         abs=1e-6)
@@ -162,18 +172,15 @@ def test_two_files_on_two_processes_equal_one_process_with_the_double_batch(tiny
                                                                            two_files, tmp_path):
     """2 processes x batch 2 (every step from one file on both, passages shared across them)
     train as 1 process x batch 4 does: same files per step, same losses, same adapter."""
-    from tests.test_launch import FLOAT64, TORCHRUN, _flags, _logged, _run
-    from tests.test_launch import _weights as weights
-
     a, b = two_files
     common = ["--finetune_type", "lora", "--lora_r", "4", "--lora_alpha", "8", "--lr", "5e-3",
               "--lora_dropout", "0", "--neg_nums", "2", "--epochs", "2", "--train_dataset", a, b,
               "--dataset_weights", "1,2", "--kd_weight", "0"]
     # in float64 (tests/float64.py): the runs agree to TOLERANCE on any CPU
-    _run([*TORCHRUN, *FLOAT64, *_flags(tiny_decoder, a, tmp_path / "two", 2, *common)])
-    _run([sys.executable, *FLOAT64, *_flags(tiny_decoder, a, tmp_path / "one", 4, *common,
-                                            "--num_processes", "1")])
-    two, one = _logged(tmp_path / "two"), _logged(tmp_path / "one")
+    run([*TORCHRUN, *FLOAT64, *flags(tiny_decoder, a, tmp_path / "two", 2, *common)])
+    run([sys.executable, *FLOAT64, *flags(tiny_decoder, a, tmp_path / "one", 4, *common,
+                                          "--num_processes", "1")])
+    two, one = logs(tmp_path / "two"), logs(tmp_path / "one")
     assert len(two) == len(one) == 2 * 9  # 6 + 3 = 9 blocks of 4 rows an epoch, shared 1:2
     # another batch composition would differ by ~0.1
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=0,

@@ -11,7 +11,7 @@ import papermill
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 JUPYTER = ["ipykernel"]  # what runs a notebook's code; "plus Jupyter" in the README
 

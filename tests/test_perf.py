@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from embedrag.hardware import flops_per_token, matmul_parameters, matmul_peak_flops
-from tests.test_trainer import run_train
+from tests.helpers import run_train
 
 
 def test_matmul_parameters_and_flops_by_hand(tiny_decoder):

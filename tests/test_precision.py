@@ -8,7 +8,7 @@ import torch
 
 from embedrag.config import TrainConfig
 from embedrag.train import precision
-from tests.test_trainer import run_train
+from tests.helpers import run_train
 
 
 def _cfg(model, **overrides):

@@ -9,7 +9,7 @@ same job is `python benchmarks/st_compare.py`'s to measure (docs/benchmarks.md).
 
 import importlib.util
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_finetuning_a_real_encoder_lifts_ndcg_on_held_out_text(tmp_path):

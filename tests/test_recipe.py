@@ -14,8 +14,7 @@ import train as train_script
 from embedrag.model.loading import load_embedder
 from embedrag.model.recipe import read_recipe
 from embedrag.model.tokens import load_tokenizer
-from tests.conftest import learnable_rows, write_jsonl
-from tests.test_trainer import run_train
+from tests.helpers import learnable_rows, run_train, write_jsonl
 
 QUERIES = ["apple banana", "violet walnut quartz"]
 DOCS = ["the river near the zebra tiger", "xenon", "the apple near the banana pepper"]

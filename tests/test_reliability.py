@@ -9,11 +9,9 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train as train_script
-from tests.conftest import ROOT, learnable_rows, write_jsonl
-from tests.test_trainer import run_train
+from tests.helpers import ENV, ROOT, learnable_rows, max_diff, run_train, weights, write_jsonl
 
 GOOD = '{"query": "q", "pos": ["a"], "neg": ["b"]}\n'
 DATA_CASES = [  # (file bytes, line, message)
@@ -109,17 +107,6 @@ def _uninterrupted(model, data, out, kind):
                      "--save_on_epoch_end", "0")[0] == 0
 
 
-def _weights(folder):
-    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() \
-        else "model.safetensors"
-    return load_file(str(folder / name))
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
 def _kill_when(proc, exists, timeout=120):
     deadline = time.time() + timeout
     while not exists.exists():
@@ -130,7 +117,6 @@ def _kill_when(proc, exists, timeout=120):
     proc.wait()
 
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 FAULTS = "tests/faults.py"  # train.py with faults injected from the test side
 
 
@@ -156,7 +142,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, tiny_decoder, lea
                           cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout + done.stderr
-    assert _max_diff(_weights(whole / "final"), _weights(cut / "final")) < 1e-5
+    assert max_diff(weights(whole / "final"), weights(cut / "final")) < 1e-5
     # the logs read as one run: every step once, same losses as the uninterrupted run
     steps = json.loads((cut / "detailed_training_logs.json").read_text())
     reference = json.loads((whole / "detailed_training_logs.json").read_text())
@@ -191,7 +177,7 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tiny_decode
                                "--resume_from_checkpoint", "latest"),
                           cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _max_diff(_weights(whole / "final"), _weights(cut / "final")) < 1e-5
+    assert max_diff(weights(whole / "final"), weights(cut / "final")) < 1e-5
 
 
 def test_nan_stops_with_the_last_good_checkpoint_intact(tiny_decoder, learnable_data, tmp_path):
@@ -205,7 +191,7 @@ def test_nan_stops_with_the_last_good_checkpoint_intact(tiny_decoder, learnable_
         "checkpoint-step-3", "checkpoint-step-4"]
     state = json.loads((out / "checkpoint-step-4" / "trainer_state.json").read_text())
     assert state["state"]["step"] == 4
-    assert all(torch.isfinite(t).all() for t in _weights(out / "checkpoint-step-4").values())
+    assert all(torch.isfinite(t).all() for t in weights(out / "checkpoint-step-4").values())
     logged = json.loads((out / "detailed_training_logs.json").read_text())
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
 
@@ -228,7 +214,7 @@ def test_resume_from_any_epoch_equals_an_uninterrupted_run(tiny_decoder, learnab
         out = tmp_path / f"from{step}"
         assert run_train(tiny_decoder, learnable_data, out, *args, "--resume_from_checkpoint",
                          str(checkpoint))[0] == 0
-        assert _max_diff(_weights(whole / "final"), _weights(out / "final")) < 1e-5
+        assert max_diff(weights(whole / "final"), weights(out / "final")) < 1e-5
         logged = json.loads((out / "detailed_training_logs.json").read_text())
         assert [r["step"] for r in logged] == list(range(step + 1, 37))
         assert [r["loss"] for r in logged] == pytest.approx(

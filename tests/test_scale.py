@@ -8,9 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, assert_same_weights, learnable_rows
 from tests.float64 import TOLERANCE, float64
-from tests.test_trainer import run_train
+from tests.helpers import ROOT, assert_same_weights, learnable_rows, run_train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

@@ -11,8 +11,7 @@ import train as train_script
 from embedrag.data.passages import text_hash
 from embedrag.data.rows import DataError
 from embedrag.data.tokens import tokenize
-from tests.conftest import ROOT, learnable_rows, write_jsonl
-from tests.test_trainer import run_train
+from tests.helpers import ROOT, learnable_rows, run_train, write_jsonl
 
 
 def _stream_set(path, tok, seed=3, buffer=8, neg_nums=2):

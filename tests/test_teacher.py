@@ -9,9 +9,8 @@ import torch
 
 import score_teacher
 from embedrag.model.loading import load_embedder
-from tests.conftest import learnable_rows, write_jsonl
 from tests.float64 import TOLERANCE, float64
-from tests.test_trainer import run_train
+from tests.helpers import learnable_rows, run_train, write_jsonl
 
 
 def _cos(model, tok, settings, query, passage):

@@ -8,10 +8,9 @@ import sys
 import pytest
 import torch
 
-import train as train_script
 from embedrag.model.embedding import EmbeddingModel
 from embedrag.model.tokens import load_tokenizer
-from tests.conftest import ROOT
+from tests.helpers import ROOT, run_train
 
 PROBES = ["apple banana", "the river near the zebra tiger", "xenon", "violet walnut quartz"]
 STEP_KEYS = {"step", "epoch", "loss", "learning_rate", "grad_norm", "samples_per_second",
@@ -20,38 +19,6 @@ KINDS = {"lora": ["--finetune_type", "lora"],
          "qlora4": ["--finetune_type", "qlora", "--quantization_bits", "4"],
          "qlora8": ["--finetune_type", "qlora", "--quantization_bits", "8"],
          "full": ["--finetune_type", "full"]}
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def run_train(model, data, out, *extra):
-    """train.py's main() in this process; returns (exit code, summary, trained model)."""
-    from embedrag.train import loop as trainer
-
-    captured = {}
-    real_train = trainer.train
-
-    def spy(*args):
-        captured["result"] = real_train(*args)
-        return captured["result"]
-
-    trainer.train = spy
-    try:
-        code = train_script.main(["--model_name_or_path", model, "--train_dataset", data,
-                                  "--output_dir", str(out), "--batch_size", "4", "--epochs", "2",
-                                  "--lr", "2e-3", "--neg_nums", "2", "--temperature", "0.05",
-                                  "--lora_r", "4", "--lora_alpha", "8", "--seed", "7", *extra])
-    finally:
-        trainer.train = real_train
-        _reset_accelerate()
-    summary, trained = captured.get("result", (None, None))
-    return code, summary, trained
 
 
 def _quantization(kind):

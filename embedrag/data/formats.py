@@ -1,13 +1,13 @@
 """Where rows come from: JSONL, Parquet, a `save_to_disk` folder or a hub dataset, as
 memory-mapped Arrow through Hugging Face datasets.
 
-Reading a large JSONL into Python objects costs memory in the most expensive form there is
-(200k rows of mined negatives did not fit in 24 GB). Here every input becomes an Arrow table on
-disk that the process maps rather than holds: a JSONL file is checked and converted in one
-streaming pass (cached by its path, size and modification time, so a second run starts from
-the cache), the other formats are checked in Arrow batches. Every problem is reported as
-`file:line: what is wrong` for JSONL and `source: row N: what is wrong` for the others, the
-first five of them, before any model is loaded.
+Reading a large JSONL into Python objects costs memory in the most expensive form there is (a
+few hundred thousand rows of mined negatives fill tens of GB). Here every input becomes an
+Arrow table on disk that the process maps rather than holds: a JSONL file is checked and
+converted in one streaming pass (cached by its path, size and modification time, so a second
+run starts from the cache), the other formats are checked in Arrow batches. Every problem is
+reported as `file:line: what is wrong` for JSONL and `source: row N: what is wrong` for the
+others, the first five of them, before any model is loaded.
 
     --train_dataset data.jsonl                 JSONL, one {"query", "pos", "neg"} per line
     --train_dataset data.parquet               Parquet with those columns
@@ -169,6 +169,35 @@ def hub_name(spec: str) -> tuple[str, str]:
     """hub:ORG/NAME[:SPLIT] -> (ORG/NAME, SPLIT or "train")."""
     name, _, split = spec[len(HUB):].partition(":")
     return name, split or "train"
+
+
+_ROWS: dict[tuple[str, float, int], int | None] = {}
+
+
+def count_rows(spec: str) -> int | None:
+    """Rows of a training-format input (JSONL: non-empty lines; Parquet; a save_to_disk
+    folder), or None when it cannot be told cheaply (a Hub dataset, a stream, gone)."""
+    if not spec or not os.path.exists(spec):
+        return None
+    stat = os.stat(spec)
+    key = (os.path.abspath(spec), stat.st_mtime, stat.st_size)
+    if key not in _ROWS:  # checkpoints of one run count once
+        try:
+            kind = kind_of(spec)
+            if kind in ("saved", "folder"):
+                from datasets import load_from_disk
+
+                _ROWS[key] = load_from_disk(spec).num_rows
+            elif kind == "parquet":
+                import pyarrow.parquet as pq
+
+                _ROWS[key] = pq.ParquetFile(spec).metadata.num_rows
+            else:
+                with open(spec, "rb") as f:
+                    _ROWS[key] = sum(1 for line in f if line.strip())
+        except Exception:  # a card never fails a save over a row count
+            _ROWS[key] = None
+    return _ROWS[key]
 
 
 def load_rows(spec: str) -> Any:

@@ -246,8 +246,8 @@ def lora_input_casts(model: nn.Module, enabled: bool) -> None:
     """Switch PEFT's cast of each adapter's input to the adapter weights' dtype (fp32).
 
     Under autocast that cast is undone at once — the adapter's matmul casts its input back to
-    bf16 — so it only copies every LoRA input twice and runs its dropout in fp32: ~9% of a
-    Gemma-3-270M bf16 LoRA step on a CPU. Training and its evaluation always run under
+    bf16 — so it only copies every LoRA input twice and runs its dropout in fp32, a visible
+    share of a bf16 LoRA step on a CPU. Training and its evaluation always run under
     autocast, so casts are off there; a model handed out afterwards gets them back, since a
     bf16 base needs them outside autocast."""
     from peft.tuners.tuners_utils import BaseTunerLayer

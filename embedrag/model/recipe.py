@@ -13,6 +13,7 @@ does not implement) is refused with one line rather than trained with a guess.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,9 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from embedrag.model.embedding import EmbedSettings
+
 # EmbedRAG's defaults where neither a flag nor the model decides (the seed's lengths).
-DEFAULTS = {"pooling": "last", "query_instruction": "", "passage_instruction": "",
-            "query_max_len": 256, "passage_max_len": 1024}
+# What a flag left unset and a model without a recipe get: EmbedSettings' own defaults.
+DEFAULTS = {k: v for k, v in dataclasses.asdict(EmbedSettings()).items() if k != "append_eos"}
 # sentence-transformers pooling modes, old boolean keys and new names, to ours.
 POOLING = {"cls": "cls", "cls_token": "cls", "mean": "mean", "mean_tokens": "mean",
            "lasttoken": "last"}

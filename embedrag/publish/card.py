@@ -19,7 +19,7 @@ from typing import Any
 
 from embedrag import __version__
 from embedrag.config import TrainConfig
-from embedrag.data.formats import kind_of
+from embedrag.data.formats import count_rows
 from embedrag.hardware import hardware
 from embedrag.io import read_json, read_training_config, write_text
 from embedrag.model.recipe import model_file
@@ -72,35 +72,6 @@ def base_identity(base: str) -> tuple[str | None, dict[str, Any]]:
     named = meta.get("base_model")
     named = named[0] if isinstance(named, list) and named else named
     return (named if isinstance(named, str) and HUB_ID.fullmatch(named) else None), meta
-
-
-_ROWS: dict[tuple[str, float, int], int | None] = {}
-
-
-def count_rows(spec: str) -> int | None:
-    """Rows of a training-format input (JSONL: non-empty lines; Parquet; a save_to_disk
-    folder), or None when it cannot be told cheaply (a Hub dataset, a stream, gone)."""
-    if not spec or not os.path.exists(spec):
-        return None
-    stat = os.stat(spec)
-    key = (os.path.abspath(spec), stat.st_mtime, stat.st_size)
-    if key not in _ROWS:  # checkpoints of one run count once
-        try:
-            kind = kind_of(spec)
-            if kind in ("saved", "folder"):
-                from datasets import load_from_disk
-
-                _ROWS[key] = load_from_disk(spec).num_rows
-            elif kind == "parquet":
-                import pyarrow.parquet as pq
-
-                _ROWS[key] = pq.ParquetFile(spec).metadata.num_rows
-            else:
-                with open(spec, "rb") as f:
-                    _ROWS[key] = sum(1 for line in f if line.strip())
-        except Exception:  # a card never fails a save over a row count
-            _ROWS[key] = None
-    return _ROWS[key]
 
 
 def progress(folder: str, args: dict[str, Any], summary: dict[str, Any] | None,

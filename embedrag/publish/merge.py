@@ -183,6 +183,70 @@ class Trained:
                               self.head_names).eval()
 
 
+def check_request(adapter_path: str, output_path: str, precision: str, qlora_base: str,
+                  overwrite: bool) -> str:
+    """The adapter folder, once the options are valid and the output may be written."""
+    if precision not in PRECISIONS:
+        raise MergeError(f"--training_precision must be one of {', '.join(PRECISIONS)}")
+    if qlora_base not in QLORA_BASES:
+        raise MergeError(f"--qlora_base must be one of {', '.join(QLORA_BASES)}")
+    folder = adapter_folder(adapter_path)
+    if os.path.isdir(output_path) and os.listdir(output_path) and not overwrite:
+        raise MergeError(f"--output_path {output_path} is not empty; pass --overwrite to replace")
+    if os.path.exists(output_path) and not os.path.isdir(output_path):
+        raise MergeError(f"--output_path {output_path} is a file")
+    return folder
+
+
+def save(tmp: str, merged: Any, trained: EmbeddingModel, tokenizer: Any,
+         settings: EmbedSettings, names: list[str], config: dict[str, Any]) -> EmbedSettings:
+    """Write a merged model into `tmp`: weights, Dense head, tokenizer (appending EOS itself
+    where it can), sentence-transformers files and training_config.json (`config` plus the
+    settings). Returns the settings the saved folder embeds with."""
+    merged.save_pretrained(tmp, safe_serialization=True)
+    trained.save_head(tmp)
+    saved = EmbedSettings(**asdict(settings))
+    if settings.append_eos and make_tokenizer_append_eos(tokenizer):
+        saved.append_eos = False  # the saved tokenizer now adds it itself
+    tokenizer.save_pretrained(tmp)
+    write_sentence_transformers_files(tmp, saved, merged.config.hidden_size, names)
+    write_json(os.path.join(tmp, "training_config.json"), {**config, **asdict(saved)})
+    return saved
+
+
+def qlora_gaps(reference: dict[str, torch.Tensor], trained: torch.Tensor, bits: int, into: str,
+               precision: str, say: Callable[[str], None]) -> dict[str, Any]:
+    """How far a QLoRA adapter merged into each base would embed from the trained model."""
+    gap = (reference["original"] - trained).abs().max().item()
+    weights = f"dequantized {bits}-bit weights" if into == "dequantized" else "original weights"
+    say(f"QLoRA adapter ({bits}-bit base in training): merging into the {weights} in "
+        f"{precision}; merged into the original weights the model would embed up to "
+        f"{gap:.2e} away from the trained one")
+    return {"quantization_bits": bits, "max_abs_diff_original_vs_trained": gap,
+            "max_abs_diff_dequantized_vs_trained":
+                (reference["dequantized"] - trained).abs().max().item()}
+
+
+def warn_other_base(trained_on: str | None, base_path: str, say: Callable[[str], None]) -> None:
+    """Say so when the adapter was trained on a base of another name (shapes already fit)."""
+    if trained_on and os.path.abspath(trained_on) != os.path.abspath(base_path) and (
+            os.path.basename(os.path.normpath(trained_on))
+            != os.path.basename(os.path.normpath(base_path))):
+        say(f"warning: the adapter was trained on {trained_on}, not {base_path}; merging "
+            "anyway since the shapes fit, but check that this is the same model")
+
+
+def adapter_effect(trained: EmbeddingModel, embedded: torch.Tensor, tokenizer: Any,
+                   settings: EmbedSettings, folder: str) -> float:
+    """How far the adapter moves the probe embeddings; MergeError when it moves nothing."""
+    with trained.backbone.disable_adapter():
+        effect = (embedded - _embed(trained, tokenizer, settings)).abs().max().item()
+    if effect <= 1e-7:
+        raise MergeError(f"the adapter in {folder} changes nothing (max embedding change "
+                         f"{effect:.1e}); was it trained?")
+    return effect
+
+
 def merge(base_path: str, adapter_path: str, output_path: str, precision: str = "float32",
           overwrite: bool = False, say: Callable[[str], None] = print,
           qlora_base: str = "dequantized", eval_examples: list | None = None,
@@ -195,26 +259,13 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
     and evaluate.py measured; qlora_base="original" merges into the original weights instead.
     Either way the report records how far the two candidates' embeddings lie apart, and with
     `eval_examples` both candidates (and the trained model) are scored side by side."""
-    if precision not in PRECISIONS:
-        raise MergeError(f"--training_precision must be one of {', '.join(PRECISIONS)}")
-    if qlora_base not in QLORA_BASES:
-        raise MergeError(f"--qlora_base must be one of {', '.join(QLORA_BASES)}")
-    folder = adapter_folder(adapter_path)
-    if os.path.isdir(output_path) and os.listdir(output_path) and not overwrite:
-        raise MergeError(f"--output_path {output_path} is not empty; pass --overwrite to replace")
-    if os.path.exists(output_path) and not os.path.isdir(output_path):
-        raise MergeError(f"--output_path {output_path} is a file")
+    folder = check_request(adapter_path, output_path, precision, qlora_base, overwrite)
     check_remote_code(base_path, trust_remote_code)
     has_tokenizer = os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
     tokenizer = load_tokenizer(folder if has_tokenizer else base_path)
     settings = settings_for(folder, tokenizer, say)
     train_config = read_training_config(folder) or {}
-    trained_on = train_config.get("base_model")
-    if trained_on and os.path.abspath(trained_on) != os.path.abspath(base_path) and (
-            os.path.basename(os.path.normpath(trained_on))
-            != os.path.basename(os.path.normpath(base_path))):
-        say(f"warning: the adapter was trained on {trained_on}, not {base_path}; merging "
-            "anyway since the shapes fit, but check that this is the same model")
+    warn_other_base(train_config.get("base_model"), base_path, say)
     bits = train_config.get("quantization_bits") if train_config.get(
         "finetune_type") == "qlora" else None
     into = qlora_base if bits else "original"
@@ -229,11 +280,7 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
     check_adapter_fits(original, folder)
     trained = how.embedder(how.base(base_path, dtype, bits) if bits else original)
     trained_emb = _embed(trained, tokenizer, settings)                      # (N, D)
-    with trained.backbone.disable_adapter():
-        effect = (trained_emb - _embed(trained, tokenizer, settings)).abs().max().item()
-    if effect <= 1e-7:
-        raise MergeError(f"the adapter in {folder} changes nothing (max embedding change "
-                         f"{effect:.1e}); was it trained?")
+    effect = adapter_effect(trained, trained_emb, tokenizer, settings, folder)
 
     # The candidates: PEFT on the base each merges into, before merging (the reference).
     candidates = {"original": trained}
@@ -244,60 +291,40 @@ def merge(base_path: str, adapter_path: str, output_path: str, precision: str = 
     report: dict[str, Any] = {"merged_into": f"{bits}-bit base, dequantized" if into ==
                               "dequantized" else "original base weights"}
     if bits:
-        gap = (reference["original"] - trained_emb).abs().max().item()
-        report["qlora"] = {
-            "quantization_bits": bits,
-            "max_abs_diff_original_vs_trained": gap,
-            "max_abs_diff_dequantized_vs_trained":
-                (reference["dequantized"] - trained_emb).abs().max().item()}
-        weights = f"dequantized {bits}-bit weights" if into == "dequantized" else "original weights"
-        say(f"QLoRA adapter ({bits}-bit base in training): merging into the {weights} in "
-            f"{precision}; merged into the original weights the model would embed up to "
-            f"{gap:.2e} away from the trained one")
-    scores: dict[str, dict[str, float]] = {}
-    if eval_examples is not None:
-        def score(name: str, model: EmbeddingModel) -> None:
-            scores[name] = evaluate(model, tokenizer, eval_examples, settings,
-                                    batch_size=eval_batch_size)
+        report["qlora"] = qlora_gaps(reference, trained_emb, bits, into, precision, say)
+    if eval_examples is None:
+        merged = {into: candidates[into].backbone.merge_and_unload()}
+    else:  # the trained model, then each candidate merged, scored side by side
+        def score(model: EmbeddingModel) -> dict[str, float]:
+            return evaluate(model, tokenizer, eval_examples, settings, batch_size=eval_batch_size)
 
-        score(f"trained ({bits}-bit base + adapter)" if bits else "base + adapter", trained)
-    merged = {name: m.backbone.merge_and_unload() for name, m in candidates.items()
-              if name == into or eval_examples is not None}
-    if eval_examples is not None:
+        scores = {f"trained ({bits}-bit base + adapter)" if bits else "base + adapter":
+                  score(trained)}
+        merged = {name: m.backbone.merge_and_unload() for name, m in candidates.items()}
         for name, model in merged.items():
-            score(f"merged into {name} base" + (" (saved)" if name == into else ""),
-                  how.embedder(model, adapter=False))
+            scores[f"merged into {name} base" + (" (saved)" if name == into else "")] = \
+                score(how.embedder(model, adapter=False))
         say(format_table(scores))
         report["eval"] = scores
 
+    # The dequantized merge is checked against the trained model itself (quantized base +
+    # adapter, computing as in training); the other against its own base + adapter.
+    if into == "dequantized":
+        target, what = trained_emb, f"the trained model ({bits}-bit base + adapter)"
+    else:
+        target, what = reference[into], "original base + adapter"
     tmp = atomic_dir(output_path)
     try:
-        merged[into].save_pretrained(tmp, safe_serialization=True)
-        trained.save_head(tmp)
-        saved_settings = EmbedSettings(**asdict(settings))
-        if settings.append_eos and make_tokenizer_append_eos(tokenizer):
-            saved_settings.append_eos = False  # the saved tokenizer now adds it itself
-        tokenizer.save_pretrained(tmp)
-        write_sentence_transformers_files(tmp, saved_settings, merged[into].config.hidden_size,
-                                          names)
-        write_json(os.path.join(tmp, "training_config.json"), {
-            **train_config, **asdict(saved_settings), "finetune_type": "merged",
-            "merged_from": os.path.abspath(folder), "base_model": base_path,
-            "merged_into": report["merged_into"], "precision": precision,
-            "tokenizer_appends_eos": settings.append_eos})
+        saved_settings = save(tmp, merged[into], trained, tokenizer, settings, names, {
+            **train_config, "finetune_type": "merged", "merged_from": os.path.abspath(folder),
+            "base_model": base_path, "merged_into": report["merged_into"],
+            "precision": precision, "tokenizer_appends_eos": settings.append_eos})
         from transformers import AutoModel
 
         reloaded = EmbeddingModel(
             AutoModel.from_pretrained(tmp, dtype=dtype, trust_remote_code=trust_remote_code),
             settings.pooling, load_head(tmp, names), names).eval()
-        after = _embed(reloaded, load_tokenizer(tmp), saved_settings)
-        # The dequantized merge is checked against the trained model itself (quantized base
-        # + adapter, computing as in training); the other against its own base + adapter.
-        if into == "dequantized":
-            target, what = trained_emb, f"the trained model ({bits}-bit base + adapter)"
-        else:
-            target, what = reference[into], "original base + adapter"
-        diff = (after - target).abs().max().item()
+        diff = (_embed(reloaded, load_tokenizer(tmp), saved_settings) - target).abs().max().item()
         say(f"verify: max |merged - {what}| = {diff:.2e} over {len(PROBES)} probe texts "
             f"(tolerance {TOLERANCE[precision]:.0e} for {precision}); the adapter moves "
             f"embeddings by up to {effect:.2e}")

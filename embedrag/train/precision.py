@@ -1,9 +1,9 @@
 """`--mixed_precision auto`: bf16 or fp32, whichever trains this model faster on this machine.
 
-Whether bf16 autocast pays depends on more than the hardware's bf16 support. On a 2-core AMD
-EPYC with AVX-512 BF16 but no AMX, bf16 matmuls run ~2x faster than fp32 yet a whole
-all-MiniLM-L6-v2 run was slower in bf16 (casts, attention and element-wise work around the
-matmuls), while Intel CPUs with AMX gain 1.7x. No flag rule gets both right, so `auto` measures:
+Whether bf16 autocast pays depends on more than the hardware's bf16 support: a CPU whose bf16
+matmuls are faster can still train a whole model slower in bf16 (casts, attention and
+element-wise work around the matmuls), while CPUs with matrix units gain. No rule from flags
+gets both right, so `auto` measures (figures in docs/benchmarks.md):
 one transformer layer of the model's own shape (random weights, so the probe costs no load)
 runs a forward and backward pass on a batch of the run's shape, as the run will (weights
 trainable or frozen in the compute dtype, EmbedRAG's CPU kernels), a few times in each
