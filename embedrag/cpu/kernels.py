@@ -160,7 +160,6 @@ def _packed(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
     small part of a layer, and never the linear layers. Returns (1, T, H, d)."""
     from torch.nn.utils.rnn import pad_sequence
 
-
     bounds = segments.tolist()
     lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     assert bounds[0] == 0 and bounds[-1] == query.shape[2], "the texts must fill the row"

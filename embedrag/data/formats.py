@@ -259,7 +259,6 @@ class TextColumn:
         import datasets
         import numpy as np
 
-
         ds = _arrow(_corpus_lines, path, datasets.Features({"text": datasets.Value("string")}))
         self.dataset = ds
         self._column = ds.data.column("text")

@@ -198,7 +198,6 @@ def _check_scored(path: str, data: Any) -> None:
     the first row without them."""
     import pyarrow.compute as pc
 
-
     table = data.rows.data
     missing = pc.or_(pc.is_null(table.column("pos_scores")),
                      pc.and_(pc.is_null(table.column("neg_scores")),

@@ -60,7 +60,6 @@ def load_corpus(folder: str, tokenizer: Any, settings: EmbedSettings) -> Any:
     import datasets
     from datasets.fingerprint import Hasher
 
-
     path = os.path.abspath(os.path.join(folder, "corpus.jsonl"))
     stat = os.stat(path)
     corpus = datasets.Dataset.from_generator(

@@ -66,7 +66,6 @@ class CrossEncoderTeacher:
                  trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-
         check_remote_code(path, trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(

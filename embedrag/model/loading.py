@@ -199,24 +199,45 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.config.use_cache = False
 
 
-def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
+def load_base(path: str, *, dtype: torch.dtype, config: Any, device: torch.device | str,
+              bits: int | None = None, compute_dtype: torch.dtype | None = None,
+              trust_remote_code: bool = False) -> nn.Module:
+    """A base model as training loads it, for training, evaluation and merging alike: in
+    `dtype`, with `config` (the training's attention; see `model_config`), quantized to `bits`
+    as QLoRA does (placed on `device` as it loads, computing in `compute_dtype`), its quantized
+    layers on their training kernels."""
     from transformers import AutoModel
 
+    kwargs: dict[str, Any] = {"dtype": dtype, "config": config,
+                              "trust_remote_code": trust_remote_code}
+    if bits:
+        kwargs["quantization_config"] = quantization_config(bits, compute_dtype or dtype)
+        kwargs["device_map"] = {"": quantized_device(torch.device(device))}
+    with shipped_code_errors(path, trust_remote_code):
+        model = AutoModel.from_pretrained(path, **kwargs)
+    match_training_kernels(model)
+    return model
+
+
+def apply_adapter(backbone: nn.Module, folder: str) -> nn.Module:
+    """The backbone with the LoRA adapter saved in `folder` applied (PEFT)."""
+    from peft import PeftModel
+
+    with quiet.peft_model_construction():
+        return PeftModel.from_pretrained(backbone, folder)
+
+
+def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
     compute_dtype = autocast_dtype(cfg.mixed_precision)
     # The frozen base of lora/qlora may sit in the autocast dtype; trained weights stay fp32.
     base_dtype = torch.float32 if cfg.finetune_type == "full" else compute_dtype
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code, "dtype": base_dtype}
-    if cfg.finetune_type == "qlora":
-        kwargs["quantization_config"] = quantization_config(cfg.quantization_bits, compute_dtype)
-        # Quantized weights are placed at load time, on this process's own device.
-        kwargs["device_map"] = {"": quantized_device(device)}
-    kwargs["config"] = model_config(cfg.model_name_or_path, attention=cfg.attention,
-                                    attention_dropout=cfg.attention_dropout,
-                                    trust_remote_code=cfg.trust_remote_code)
-    with shipped_code_errors(cfg.model_name_or_path, cfg.trust_remote_code):
-        model = AutoModel.from_pretrained(cfg.model_name_or_path, **kwargs)
-    match_training_kernels(model)
+    config = model_config(cfg.model_name_or_path, attention=cfg.attention,
+                          attention_dropout=cfg.attention_dropout,
+                          trust_remote_code=cfg.trust_remote_code)
+    model = load_base(cfg.model_name_or_path, dtype=base_dtype, config=config, device=device,
+                      bits=cfg.quantization_bits if cfg.finetune_type == "qlora" else None,
+                      compute_dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code)
     info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", "")}
     swap = kernels.install if cfg.cpu_kernels == "auto" else (lambda *_: {})
     if cfg.finetune_type == "full":
@@ -277,7 +298,6 @@ def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str 
     passage_max_len, append_eos; None = keep) win over both. Lengths are clamped to what the
     model takes, whatever asked for more.
     """
-    from transformers import AutoModel
 
     check_remote_code(path, trust_remote_code)
     config = read_json(os.path.join(path, "training_config.json"))
@@ -302,21 +322,15 @@ def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str 
     base_path = ((config or {}).get("base_model") or adapter["base_model_name_or_path"]
                  if adapter else path)
     check_remote_code(base_path, trust_remote_code)  # an adapter's base may ship code too
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
-                              "config": model_config(
-                                  base_path, attention=(config or {}).get("attention", "model"),
-                                  trust_remote_code=trust_remote_code)}
-    if adapter and (config or {}).get("finetune_type") == "qlora":
-        kwargs["quantization_config"] = quantization_config(config["quantization_bits"], dtype)
-        kwargs["device_map"] = {"": quantized_device(torch.device(device))}
-    with shipped_code_errors(base_path, trust_remote_code):
-        backbone = AutoModel.from_pretrained(base_path, **kwargs)
-    match_training_kernels(backbone)
+    bits = (config["quantization_bits"]
+            if adapter and (config or {}).get("finetune_type") == "qlora" else None)
+    backbone = load_base(base_path, dtype=dtype, device=device, bits=bits,
+                         config=model_config(base_path,
+                                             attention=(config or {}).get("attention", "model"),
+                                             trust_remote_code=trust_remote_code),
+                         trust_remote_code=trust_remote_code)
     if adapter:
-        from peft import PeftModel
-
-        with quiet.peft_model_construction():
-            backbone = PeftModel.from_pretrained(backbone, path)
+        backbone = apply_adapter(backbone, path)
     limit = max_model_length(base_path, tokenizer, trust_remote_code)
     for name in ("query_max_len", "passage_max_len"):
         if limit and getattr(settings, name) > limit:
@@ -324,7 +338,7 @@ def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str 
     model = EmbeddingModel(backbone, settings.pooling, head,
                            (config or {}).get("dense_modules") or (
                                [] if config else read_recipe(path).dense)).eval()
-    if "device_map" not in kwargs:  # quantized weights were placed when loaded
+    if not bits:  # quantized weights were placed when loaded
         model.to(device)
     else:
         model.head.to(device) if model.head is not None else None

@@ -18,16 +18,10 @@ from typing import Any
 
 import torch
 
-from embedrag import quiet
 from embedrag.eval.evaluate import evaluate, format_table
 from embedrag.io import atomic_dir, commit_dir, read_json, read_training_config, write_json
 from embedrag.model.embedding import EmbeddingModel, EmbedSettings
-from embedrag.model.loading import (
-    check_remote_code,
-    match_training_kernels,
-    model_config,
-    quantization_config,
-)
+from embedrag.model.loading import apply_adapter, check_remote_code, load_base, model_config
 from embedrag.model.recipe import load_head
 from embedrag.model.tokens import (
     load_tokenizer,
@@ -161,24 +155,14 @@ class Trained:
              dequantize: bool = False) -> torch.nn.Module:
         """The base model in `dtype`: as stored, or quantized to `bits` as QLoRA training did
         (optionally dequantized again: the weights training computed with, plain tensors)."""
-        from transformers import AutoModel
-
-        kwargs = {"dtype": dtype, "config": self.config,
-                  "trust_remote_code": self.trust_remote_code}
-        if bits is None:
-            return AutoModel.from_pretrained(path, **kwargs)
-        model = AutoModel.from_pretrained(path, device_map={"": "cpu"}, **kwargs,
-                                          quantization_config=quantization_config(bits, dtype))
-        match_training_kernels(model)
-        return model.dequantize(dtype=dtype) if dequantize else model
+        model = load_base(path, dtype=dtype, config=self.config, device="cpu", bits=bits,
+                          trust_remote_code=self.trust_remote_code)
+        return model.dequantize(dtype=dtype) if dequantize and bits else model
 
     def embedder(self, backbone: torch.nn.Module, adapter: bool = True) -> EmbeddingModel:
         """The backbone (with the adapter applied), pooled and headed as in training."""
         if adapter:
-            from peft import PeftModel
-
-            with quiet.peft_model_construction():
-                backbone = PeftModel.from_pretrained(backbone, self.folder)
+            backbone = apply_adapter(backbone, self.folder)
         return EmbeddingModel(backbone, self.settings.pooling, self.head,
                               self.head_names).eval()
 

@@ -67,7 +67,6 @@ def probe_layer(cfg: Any, device: torch.device) -> Any:
     """The model with one transformer layer, random weights, set up as the run trains it."""
     from transformers import AutoModel
 
-
     config = model_config(cfg.model_name_or_path, attention=cfg.attention,
                           attention_dropout=cfg.attention_dropout,
                           trust_remote_code=cfg.trust_remote_code)
