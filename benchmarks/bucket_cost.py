@@ -88,7 +88,7 @@ def main() -> None:
 
     from embedrag.cpu.packing import length_buckets
     from embedrag.model.embedding import EmbeddingModel
-    from embedrag.model.loading import load_backbone, lora_input_casts
+    from embedrag.model.loading import ModelSettings, load_backbone, lora_input_casts
     from embedrag.model.tokens import load_tokenizer, resolve_append_eos
     from embedrag.train.checks import parse_args
 
@@ -106,7 +106,7 @@ def main() -> None:
                       "--pooling", pooling, "--mixed_precision",
                       {"fp32": "no"}.get(args.precision, args.precision)])
     torch.manual_seed(0)
-    backbone, _ = load_backbone(cfg, torch.device("cpu"))
+    backbone, _ = load_backbone(ModelSettings.from_config(cfg), torch.device("cpu"))
     if finetune != "full":
         lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # as train.py does
     model = EmbeddingModel(backbone, pooling).train()

@@ -29,7 +29,7 @@ def main() -> None:
 
     from embedrag.cpu import kernels
     from embedrag.model.embedding import EmbeddingModel
-    from embedrag.model.loading import load_backbone, lora_input_casts
+    from embedrag.model.loading import ModelSettings, load_backbone, lora_input_casts
     from embedrag.train.checks import parse_args
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,7 +43,7 @@ def main() -> None:
                       os.path.join(ROOT, "datasets/sample_data.jsonl"), "--batch_size",
                       str(args.rows), "--finetune_type", "lora", "--mixed_precision", "bf16"])
     torch.manual_seed(0)
-    backbone, info = load_backbone(cfg, torch.device("cpu"))
+    backbone, info = load_backbone(ModelSettings.from_config(cfg), torch.device("cpu"))
     lora_input_casts(backbone, enabled=False)  # as train.py does under autocast
     model = EmbeddingModel(backbone, "last").train()
     norms = [m for m in model.modules() if "forward" in vars(m)

@@ -30,7 +30,7 @@ from embedrag.data.dataset import Collator, TrainingSet  # noqa: E402
 from embedrag.data.rows import Example  # noqa: E402
 from embedrag.losses import LossSettings, embedding_loss  # noqa: E402
 from embedrag.model.embedding import EmbeddingModel  # noqa: E402
-from embedrag.model.loading import load_backbone  # noqa: E402
+from embedrag.model.loading import ModelSettings, load_backbone  # noqa: E402
 from embedrag.model.tokens import load_tokenizer  # noqa: E402
 from embedrag.train.launch import make_accelerator  # noqa: E402
 from embedrag.train.step import forward_backward  # noqa: E402
@@ -59,7 +59,7 @@ def main(model_path: str, out: str) -> None:
     rank = accelerator.process_index
     set_seed(0)
     tok = load_tokenizer(model_path)
-    backbone, _ = load_backbone(cfg, torch.device("cpu"))
+    backbone, _ = load_backbone(ModelSettings.from_config(cfg), torch.device("cpu"))
     for name, p in backbone.named_parameters():  # every adapter weight gets a gradient
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)

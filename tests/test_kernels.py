@@ -310,12 +310,12 @@ def test_install_reaches_peft_lora_dropout(tiny_decoder):
 
 def test_cpu_kernels_off_leaves_the_model_its_own_operations(tiny_encoder):
     from embedrag.config import TrainConfig
-    from embedrag.model.loading import load_backbone
+    from embedrag.model.loading import ModelSettings, load_backbone
 
     def load(mode):
         cfg = TrainConfig(model_name_or_path=tiny_encoder, train_dataset="", output_dir="",
                           batch_size=2, finetune_type="full", cpu_kernels=mode)
-        return load_backbone(cfg, torch.device("cpu"))
+        return load_backbone(ModelSettings.from_config(cfg), torch.device("cpu"))
 
     model, info = load("off")
     assert "cpu_attention" not in info and "cpu_dropout_modules" not in info

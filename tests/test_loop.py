@@ -89,13 +89,14 @@ def test_what_trains_and_what_stays(trained, tiny_decoder):
             assert not torch.equal(p, fresh[name]), f"{name} did not change"
         return
     from embedrag.config import TrainConfig
-    from embedrag.model.loading import load_backbone
+    from embedrag.model.loading import ModelSettings, load_backbone
 
     set_seed(7)
     cfg = TrainConfig(model_name_or_path=tiny_decoder, train_dataset="", output_dir="",
                       batch_size=4, finetune_type="lora" if kind == "lora" else "qlora",
                       quantization_bits=8 if kind == "qlora8" else 4, lora_r=4, lora_alpha=8)
-    initial = dict(load_backbone(cfg, torch.device("cpu"))[0].named_parameters())
+    backbone, _ = load_backbone(ModelSettings.from_config(cfg), torch.device("cpu"))
+    initial = dict(backbone.named_parameters())
     adapters = [n for n in trained_params if "lora_" in n]
     assert len(adapters) == 2 * 7 * 2  # A and B of 7 linear layers in each of 2 blocks
     for name in adapters:

@@ -30,12 +30,12 @@ def _model(kind, path):
 
     from embedrag.config import TrainConfig
     from embedrag.model.embedding import EmbeddingModel
-    from embedrag.model.loading import load_backbone
+    from embedrag.model.loading import ModelSettings, load_backbone
 
     set_seed(0)
     cfg = TrainConfig(model_name_or_path=path, train_dataset="", output_dir="", batch_size=6,
                       finetune_type=kind, lora_r=4, lora_alpha=8, lora_dropout=0.3)
-    backbone, _ = load_backbone(cfg, torch.device("cpu"))
+    backbone, _ = load_backbone(ModelSettings.from_config(cfg), torch.device("cpu"))
     if kind == "lora":  # give lora_B weights so that every adapter weight gets a gradient
         for n, p in backbone.named_parameters():
             if "lora_B" in n:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from embedrag import quiet
+from embedrag.config import TrainConfig
 from embedrag.cpu import kernels
 from embedrag.io import read_json
 from embedrag.model.embedding import EmbeddingModel, EmbedSettings, find_lora_targets
@@ -227,15 +229,45 @@ def apply_adapter(backbone: nn.Module, folder: str) -> nn.Module:
         return PeftModel.from_pretrained(backbone, folder)
 
 
-def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+@dataclass(frozen=True)
+class ModelSettings:
+    """How the backbone is loaded for training and what in it trains."""
+
+    path: str
+    finetune_type: str = "lora"         # lora, qlora or full
+    quantization_bits: int = 4          # qlora only
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = ()  # () finds every linear layer of the blocks
+    attention: str = "model"            # or "bidirectional"
+    attention_dropout: float = -1.0     # -1: the model's own
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"         # resolved: no, fp16 or bf16
+    cpu_kernels: str = "auto"
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> ModelSettings:
+        return cls(path=cfg.model_name_or_path, finetune_type=cfg.finetune_type,
+                   quantization_bits=cfg.quantization_bits, lora_r=cfg.lora_r,
+                   lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                   target_modules=tuple(cfg.target_modules() or ()), attention=cfg.attention,
+                   attention_dropout=cfg.attention_dropout,
+                   gradient_checkpointing=bool(cfg.gradient_checkpointing),
+                   mixed_precision=cfg.mixed_precision, cpu_kernels=cfg.cpu_kernels,
+                   trust_remote_code=cfg.trust_remote_code)
+
+
+def load_backbone(cfg: ModelSettings, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The AutoModel for cfg.finetune_type, ready to train, and facts for training_config.json."""
     compute_dtype = autocast_dtype(cfg.mixed_precision)
     # The frozen base of lora/qlora may sit in the autocast dtype; trained weights stay fp32.
     base_dtype = torch.float32 if cfg.finetune_type == "full" else compute_dtype
-    config = model_config(cfg.model_name_or_path, attention=cfg.attention,
+    config = model_config(cfg.path, attention=cfg.attention,
                           attention_dropout=cfg.attention_dropout,
                           trust_remote_code=cfg.trust_remote_code)
-    model = load_base(cfg.model_name_or_path, dtype=base_dtype, config=config, device=device,
+    model = load_base(cfg.path, dtype=base_dtype, config=config, device=device,
                       bits=cfg.quantization_bits if cfg.finetune_type == "qlora" else None,
                       compute_dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code)
     info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", "")}
@@ -248,8 +280,8 @@ def load_backbone(cfg: Any, device: torch.device) -> tuple[nn.Module, dict[str, 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets, excluded = find_lora_targets(model)
-    if cfg.target_modules():
-        targets, excluded = cfg.target_modules(), []
+    if cfg.target_modules:
+        targets, excluded = list(cfg.target_modules), []
     if cfg.finetune_type == "qlora":  # checkpointing below, not through PEFT's deprecated call
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.gradient_checkpointing:

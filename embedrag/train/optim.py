@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from embedrag.config import TrainConfig
 
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   fused: bool) -> torch.optim.Optimizer:
     """AdamW; biases and norm weights (1-D tensors) get no weight decay. `fused` updates all
     parameters in one kernel (on CPU too) instead of a dozen small ops per tensor."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+    groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int,

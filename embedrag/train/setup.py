@@ -26,6 +26,7 @@ from embedrag.model.embedding import (
     freeze_unreached,
 )
 from embedrag.model.loading import (
+    ModelSettings,
     load_backbone,
     lora_input_casts,
     max_model_length,
@@ -130,7 +131,8 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     # fp16's GradScaler lets a fused step skip itself, and Accelerate would then not see the
     # skip (and would step the schedule): fused only without fp16. Sharded optimizer state is
     # not whole on any process, nor are fused kernels known to work there.
-    optimizer = make_optimizer(model, cfg, fused=not sharded and cfg.mixed_precision != "fp16")
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay,
+                               fused=not sharded and cfg.mixed_precision != "fp16")
     embedder = model
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's length is unknown
@@ -211,7 +213,7 @@ def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
                ) -> tuple[EmbeddingModel, dict[str, Any]]:
     """The embedding model on the training device, with what training_config.json says of it.
     Parameters the embedding never reaches are frozen (DDP would wait for their gradients)."""
-    backbone, info = load_backbone(cfg, accelerator.device)
+    backbone, info = load_backbone(ModelSettings.from_config(cfg), accelerator.device)
     lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # autocast casts them
     head = load_head(cfg.model_name_or_path, recipe.dense)  # the model's Dense layers, if any
     if head is not None:
