@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,19 @@ from embedrag.data.rows import (
     row_features,
 )
 from embedrag.data.tokens import pad
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """How each row's texts are drawn and tokenized."""
+
+    neg_nums: int               # hard negatives per query
+    query_max_len: int
+    passage_max_len: int
+    query_instruction: str
+    passage_instruction: str
+    append_eos: bool
+    seed: int                   # with the epoch, which positive and negatives a row draws
 
 
 class TrainingSet(torch.utils.data.Dataset):

@@ -19,16 +19,19 @@ leaves some for the next epoch, drawn through a reshuffled cycle of its own rows
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from embedrag.data.dataset import EpochShuffle, TrainingSet
+from embedrag.config import TrainConfig
+from embedrag.data.dataset import EpochShuffle, TextSettings, TrainingSet
 from embedrag.data.formats import kind_of
 from embedrag.data.rows import DataError
 
@@ -131,24 +134,43 @@ class MixedSet(torch.utils.data.Dataset):
                 "pos_set": [n + shift for n in item["pos_set"]], "file": f}
 
 
-def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
+@dataclass(frozen=True)
+class DataSettings:
+    """How training rows become a dataset and an order, resolved once from the flags."""
+
+    texts: TextSettings
+    files: tuple[str, ...]              # --train_dataset, folders expanded to their files
+    instructions: tuple[str, ...] = ()  # a query instruction per file ("" keeps the common one)
+    weights: str = ""                   # --dataset_weights, as given
+    teacher: bool = False               # rows carry teacher scores for distillation
+    num_proc: int | None = None         # processes that tokenize
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, texts: TextSettings) -> DataSettings:
+        return cls(texts=texts, files=tuple(expand(cfg.train_files())),
+                   instructions=tuple(cfg.dataset_instructions or ()),
+                   weights=cfg.dataset_weights, teacher=cfg.kd_weight > 0,
+                   num_proc=cfg.preprocessing_num_workers or None)
+
+
+def training_data(rows: Any, tokenizer: Any, settings: DataSettings,
                   block: int) -> tuple[Any, Any, list[dict[str, Any]]]:
     """(dataset, sampler, what each file is) for one file (`rows`: a dataset or Examples) or
-    several (`rows`: {file: dataset}). One file is a TrainingSet in EpochShuffle order, as
-    ever; several are a MixedSet in FileBatches order."""
-
-    num_proc = cfg.preprocessing_num_workers or None
+    several (`rows`: {file: dataset}). One file is a TrainingSet in EpochShuffle order;
+    several are a MixedSet in FileBatches order, `block` rows of one file at a time."""
+    texts = settings.texts
     if not isinstance(rows, dict):
-        path = expand(cfg.train_files())[0]
-        data = TrainingSet(rows, tokenizer, source=path, num_proc=num_proc, **texts)
-        data.teacher = cfg.kd_weight > 0  # items then carry their teacher scores
-        if cfg.kd_weight:
+        path = settings.files[0]
+        data = TrainingSet(rows, tokenizer, source=path, num_proc=settings.num_proc,
+                           **dataclasses.asdict(texts))
+        data.teacher = settings.teacher  # items then carry their teacher scores
+        if settings.teacher:
             _check_scored(path, data)
-        return data, EpochShuffle(len(data), cfg.seed), [_describe(
-            path, data, texts["query_instruction"], 1.0)]
+        return data, EpochShuffle(len(data), texts.seed), [_describe(
+            path, data, texts.query_instruction, 1.0)]
     files = list(rows)
-    instructions = cfg.dataset_instructions or [""] * len(files)
-    weights = parse_weights(cfg.dataset_weights)
+    instructions = list(settings.instructions) or [""] * len(files)
+    weights = parse_weights(settings.weights)
     for name, values in (("--dataset_instructions", instructions),
                          ("--dataset_weights", weights)):
         if values and len(values) != len(files):
@@ -156,21 +178,21 @@ def training_data(rows: Any, tokenizer: Any, cfg: Any, texts: dict[str, Any],
                             f"({', '.join(files)})")
     parts = []
     for path, instruction in zip(files, instructions, strict=True):
-        parts.append(TrainingSet(rows[path], tokenizer, source=path, num_proc=num_proc,
-                                 **{**texts, "query_instruction": instruction
-                                    or texts["query_instruction"]}))
+        own = dataclasses.replace(texts, query_instruction=instruction or texts.query_instruction)
+        parts.append(TrainingSet(rows[path], tokenizer, source=path, num_proc=settings.num_proc,
+                                 **dataclasses.asdict(own)))
     for path, part in zip(files, parts, strict=True):
-        part.teacher = cfg.kd_weight > 0
-        if cfg.kd_weight:
+        part.teacher = settings.teacher
+        if settings.teacher:
             _check_scored(path, part)
     small = [f"{path} ({len(part)} rows)" for path, part in zip(files, parts, strict=True)
              if len(part) < block]
     if small:  # a step takes `block` rows from one file: a smaller one repeats its rows
         print(f"note: {', '.join(small)} hold fewer rows than one step takes ({block} = "
               "processes x batch x accumulation); their steps repeat rows", file=sys.stderr)
-    sampler = FileBatches([len(p) for p in parts], block, cfg.seed, weights or None)
+    sampler = FileBatches([len(p) for p in parts], block, texts.seed, weights or None)
     share = np.array(sampler.blocks) / sum(sampler.blocks)
-    described = [_describe(path, part, instruction or texts["query_instruction"], float(s))
+    described = [_describe(path, part, instruction or texts.query_instruction, float(s))
                  for path, part, instruction, s in zip(files, parts, instructions, share,
                                                        strict=True)]
     return MixedSet(parts), sampler, described

@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from embedrag.config import TrainConfig, embedding_config
-from embedrag.data.dataset import Collator
-from embedrag.data.mixture import training_data
+from embedrag.data.dataset import Collator, TextSettings
+from embedrag.data.mixture import DataSettings, training_data
 from embedrag.data.streaming import StreamingSet
 from embedrag.losses import LossSettings
 from embedrag.model.embedding import (
@@ -182,20 +182,23 @@ def make_loader(cfg: TrainConfig, rows: Any, tokenizer: Any, append_eos: bool,
                 accelerator: Any, say: Callable[[str], None]) -> tuple[Any, Any, list[dict]]:
     """(dataset, loader, what each file is). A table is tokenized once, and an epoch re-draws
     the order and the negatives; a stream is tokenized as its rows come."""
-    texts = {"neg_nums": cfg.neg_nums, "query_max_len": cfg.query_max_len,
-             "passage_max_len": cfg.passage_max_len, "query_instruction": cfg.query_instruction,
-             "passage_instruction": cfg.passage_instruction, "append_eos": append_eos,
-             "seed": cfg.seed}
+    texts = TextSettings(neg_nums=cfg.neg_nums, query_max_len=cfg.query_max_len,
+                         passage_max_len=cfg.passage_max_len,
+                         query_instruction=cfg.query_instruction,
+                         passage_instruction=cfg.passage_instruction, append_eos=append_eos,
+                         seed=cfg.seed)
     collate = Collator(None, tokenizer.pad_token_id, tokenizer.padding_side)
     if cfg.streaming:  # rows drawn through a shuffle buffer
-        data = StreamingSet(rows, tokenizer, buffer=cfg.shuffle_buffer, **texts)
+        data = StreamingSet(rows, tokenizer, buffer=cfg.shuffle_buffer,
+                            **dataclasses.asdict(texts))
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size,
                                              num_workers=cfg.num_workers, collate_fn=collate)
         return data, loader, [{"path": cfg.train_files()[0], "streamed": True}]
     # One file in a seeded order; several, one file per optimizer step (data/mixture.py).
     block = accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
     with accelerator.main_process_first():  # one process tokenizes, the others read it
-        data, sampler, datasets = training_data(rows, tokenizer, cfg, texts, block)
+        data, sampler, datasets = training_data(rows, tokenizer,
+                                                DataSettings.from_config(cfg, texts), block)
     collate.data = data
     if data.short_rows:
         say(f"note: {data.short_rows} of {len(data)} rows have fewer than {cfg.neg_nums} "
