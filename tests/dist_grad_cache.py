@@ -55,7 +55,7 @@ def main(model_path: str, out: str) -> None:
     cfg = TrainConfig(model_name_or_path=model_path, train_dataset="", output_dir="",
                       batch_size=3, finetune_type="lora", lora_r=4, lora_alpha=8,
                       lora_dropout=0.3, temperature=0.05, grad_cache_chunk_size=1)
-    accelerator = make_accelerator(cfg, "no", dynamic_graph=False)
+    accelerator = make_accelerator("no", 1, streaming=False, dynamic_graph=False)
     rank = accelerator.process_index
     set_seed(0)
     tok = load_tokenizer(model_path)

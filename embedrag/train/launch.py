@@ -144,7 +144,8 @@ def _launch(n: int, script: str, argv: list[str]) -> int:
             return code if code > 0 else 1
 
 
-def make_accelerator(cfg: Any, mixed_precision: str, dynamic_graph: bool) -> Any:
+def make_accelerator(mixed_precision: str, accumulation: int, streaming: bool,
+                     dynamic_graph: bool) -> Any:
     """The Accelerator of this run. cpu=True on machines without CUDA lets a launcher start a
     MULTI_CPU (gloo) run. DDP looks for unused parameters every step only where they change
     from step to step (mixture of experts); fixed ones are frozen before (`freeze_unreached`)."""
@@ -154,8 +155,8 @@ def make_accelerator(cfg: Any, mixed_precision: str, dynamic_graph: bool) -> Any
 
     # A stream is read by every process, each keeping its own batches (batches of different
     # lengths cannot be dispatched from one process as one tensor).
-    loading = DataLoaderConfiguration(dispatch_batches=False if cfg.streaming else None)
-    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    loading = DataLoaderConfiguration(dispatch_batches=False if streaming else None)
+    return Accelerator(gradient_accumulation_steps=accumulation,
                        mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
                        dataloader_config=loading, kwargs_handlers=[DistributedDataParallelKwargs(
                            find_unused_parameters=dynamic_graph)])

@@ -99,7 +99,8 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     if cfg.mixed_precision == "auto":
         precision = resolve_precision(cfg, model_config)
         cfg = dataclasses.replace(cfg, mixed_precision=precision["choice"])
-    accelerator = make_accelerator(cfg, cfg.mixed_precision, routes_experts(model_config))
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps,
+                                   cfg.streaming, dynamic_graph=routes_experts(model_config))
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
     if precision:
