@@ -139,6 +139,13 @@ def max_model_length(path: str, tokenizer: Any, trust_remote_code: bool = False)
     return min(limits) if limits else None
 
 
+def clamped_lengths(query_max_len: int, passage_max_len: int,
+                    limit: int | None) -> dict[str, int]:
+    """The lengths the model cannot take (see `max_model_length`), each cut to `limit`."""
+    lengths = {"query_max_len": query_max_len, "passage_max_len": passage_max_len}
+    return {name: limit for name, value in lengths.items() if limit and value > limit}
+
+
 def autocast_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype --mixed_precision computes in (float32 for "no")."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
@@ -364,9 +371,9 @@ def load_embedder(path: str, *, dtype: torch.dtype = torch.float32, device: str 
     if adapter:
         backbone = apply_adapter(backbone, path)
     limit = max_model_length(base_path, tokenizer, trust_remote_code)
-    for name in ("query_max_len", "passage_max_len"):
-        if limit and getattr(settings, name) > limit:
-            setattr(settings, name, limit)
+    for name, value in clamped_lengths(settings.query_max_len, settings.passage_max_len,
+                                       limit).items():
+        setattr(settings, name, value)
     model = EmbeddingModel(backbone, settings.pooling, head,
                            (config or {}).get("dense_modules") or (
                                [] if config else read_recipe(path).dense)).eval()

@@ -27,6 +27,7 @@ from embedrag.model.embedding import (
 )
 from embedrag.model.loading import (
     ModelSettings,
+    clamped_lengths,
     load_backbone,
     lora_input_casts,
     max_model_length,
@@ -171,12 +172,11 @@ def clamp_lengths(cfg: TrainConfig, tokenizer: Any, sources: dict[str, str],
                   say: Callable[[str], None]) -> TrainConfig:
     """The query and passage lengths, at most what the model takes (noted in `sources`)."""
     limit = max_model_length(cfg.model_name_or_path, tokenizer, cfg.trust_remote_code)
-    for name in ("query_max_len", "passage_max_len"):
-        if limit and getattr(cfg, name) > limit:
-            say(f"note: {name} {getattr(cfg, name)} exceeds what the model takes; using {limit}")
-            cfg = dataclasses.replace(cfg, **{name: limit})
-            sources[name] += f", clamped to the model's {limit}"
-    return cfg
+    cut = clamped_lengths(cfg.query_max_len, cfg.passage_max_len, limit)
+    for name, value in cut.items():
+        say(f"note: {name} {getattr(cfg, name)} exceeds what the model takes; using {value}")
+        sources[name] += f", clamped to the model's {value}"
+    return dataclasses.replace(cfg, **cut)
 
 
 def make_loader(cfg: TrainConfig, rows: Any, tokenizer: Any, append_eos: bool,
