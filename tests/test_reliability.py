@@ -107,6 +107,13 @@ def _uninterrupted(model, data, out, kind):
                      "--save_on_epoch_end", "0")[0] == 0
 
 
+def _resume(model, data, out, kind):
+    """`_cmd`'s run continued from its latest step checkpoint, in this process (as a restarted
+    train.py would: everything comes from the checkpoint on disk); returns the exit code."""
+    return run_train(model, data, out, *KINDS[kind], "--save_steps", "3",
+                     "--save_on_epoch_end", "0", "--resume_from_checkpoint", "latest")[0]
+
+
 def _kill_when(proc, exists, timeout=120):
     deadline = time.time() + timeout
     while not exists.exists():
@@ -126,7 +133,7 @@ def _faulty(**faults):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, tiny_decoder, learnable_data,
-                                                         tmp_path):
+                                                         tmp_path, capsys):
     whole = tmp_path / "whole"
     _uninterrupted(tiny_decoder, learnable_data, whole, kind)
     cut = tmp_path / "cut"
@@ -137,11 +144,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, tiny_decoder, lea
     assert not (cut / "final").exists()
     logged = json.loads((cut / "detailed_training_logs.json").read_text())
     assert 6 <= len(logged) < 12
-    done = subprocess.run(_cmd(tiny_decoder, learnable_data, cut, kind,
-                               "--resume_from_checkpoint", "latest"),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stdout + done.stderr
+    capsys.readouterr()
+    assert _resume(tiny_decoder, learnable_data, cut, kind) == 0
+    assert "resuming from" in "".join(capsys.readouterr())
     assert max_diff(weights(whole / "final"), weights(cut / "final")) < 1e-5
     # the logs read as one run: every step once, same losses as the uninterrupted run
     steps = json.loads((cut / "detailed_training_logs.json").read_text())
@@ -153,7 +158,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kind, tiny_decoder, lea
 
 
 def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tiny_decoder,
-                                                                     learnable_data, tmp_path):
+                                                                     learnable_data, tmp_path,
+                                                                     capsys):
     whole = tmp_path / "whole"
     _uninterrupted(tiny_decoder, learnable_data, whole, "lora")
     cut = tmp_path / "cut"
@@ -162,10 +168,9 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tiny_decode
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _kill_when(proc, cut / "checkpoint-step-3.tmp" / "training_state.pt")
     assert not (cut / "checkpoint-step-3").exists()  # nothing that looks complete
-    done = subprocess.run(_cmd(tiny_decoder, learnable_data, cut, "lora",
-                               "--resume_from_checkpoint", "latest"),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 2 and "no complete checkpoint-step-N/" in done.stderr
+    capsys.readouterr()
+    assert _resume(tiny_decoder, learnable_data, cut, "lora") == 2
+    assert "no complete checkpoint-step-N/" in capsys.readouterr().err
     # a second attempt with a complete checkpoint behind the half-written one
     proc = subprocess.Popen(_cmd(tiny_decoder, learnable_data, cut, "lora",
                                  "--overwrite_output_dir", script=FAULTS), cwd=ROOT,
@@ -173,10 +178,7 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tiny_decode
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _kill_when(proc, cut / "checkpoint-step-3")
     os.makedirs(cut / "checkpoint-step-9.tmp", exist_ok=True)  # as a kill mid-save leaves it
-    done = subprocess.run(_cmd(tiny_decoder, learnable_data, cut, "lora",
-                               "--resume_from_checkpoint", "latest"),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert _resume(tiny_decoder, learnable_data, cut, "lora") == 0
     assert max_diff(weights(whole / "final"), weights(cut / "final")) < 1e-5
 
 
