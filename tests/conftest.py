@@ -24,7 +24,7 @@ LONG_FIRST = ("test_real_encoder.py", "test_launch.py", "test_reliability.py", "
 
 def pytest_collection_modifyitems(items: list) -> None:
     def rank(item) -> int:
-        name = os.path.basename(str(item.fspath))
+        name = item.path.name
         return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file is kept

@@ -33,15 +33,15 @@ def _file_of(row, sizes):
     raise AssertionError(row)
 
 
-@pytest.mark.parametrize("weights", [None, [1.0, 1.0, 2.0]])
-def test_every_step_is_one_file_on_every_process_through_accelerates_sharding(weights):
+@pytest.mark.parametrize("file_weights", [None, [1.0, 1.0, 2.0]])
+def test_every_step_is_one_file_on_every_process_through_accelerates_sharding(file_weights):
     """Accelerate's own sharding of the loader (process r takes batches r, W + r, ...): with
     2 processes x batch 2 x 2 accumulation steps, each step's 8 rows come from one file."""
     from accelerate.data_loader import prepare_data_loader
 
     sizes, world, batch, accum = [10, 3, 7], 2, 2, 2
     block = world * batch * accum
-    sampler = FileBatches(sizes, block, seed=5, weights=weights)
+    sampler = FileBatches(sizes, block, seed=5, weights=file_weights)
     shards = [prepare_data_loader(torch.utils.data.DataLoader(list(range(20)), batch_size=batch,
                                                               sampler=sampler),
                                   num_processes=world, process_index=r, put_on_device=False)
@@ -58,7 +58,7 @@ def test_every_step_is_one_file_on_every_process_through_accelerates_sharding(we
                     for x in b]
             assert len(rows) == block and len({_file_of(x, sizes) for x in rows}) == 1
             files.append(_file_of(rows[0], sizes))
-        expected = [2, 1, 1] if weights is None else [1, 1, 2]  # ceil(rows / 8), or by weight
+        expected = [2, 1, 1] if file_weights is None else [1, 1, 2]  # ceil(rows / 8), or by weight
         assert sorted(Counter(files).items()) == list(enumerate(expected))
         seen = Counter(x for rank in per_rank for b in rank for x in b)
         for f, n in enumerate(sizes):  # a file's rows in cycles: none twice before all once
@@ -67,7 +67,7 @@ def test_every_step_is_one_file_on_every_process_through_accelerates_sharding(we
                 assert min(counts) >= 1 and max(counts) - min(counts) <= 1
         orders.append(per_rank)
     assert orders[0] != orders[1]  # each epoch its own order ...
-    again = FileBatches(sizes, block, seed=5, weights=weights)
+    again = FileBatches(sizes, block, seed=5, weights=file_weights)
     again.set_epoch(2)
     sampler.set_epoch(2)
     assert list(again) == list(sampler)  # ... a function of (seed, epoch) alone

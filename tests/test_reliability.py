@@ -101,17 +101,21 @@ def _cmd(model, data, out, kind, *extra, script="train.py"):
             *KINDS[kind], *extra]
 
 
+def _in_process(model, data, out, kind, *extra):
+    """`_cmd`'s run in this process (run_train's flags are _cmd's); returns the exit code."""
+    return run_train(model, data, out, *KINDS[kind], "--save_steps", "3",
+                     "--save_on_epoch_end", "0", *extra)[0]
+
+
 def _uninterrupted(model, data, out, kind):
-    """The reference run, in this process: run_train's flags are _cmd's."""
-    assert run_train(model, data, out, *KINDS[kind], "--save_steps", "3",
-                     "--save_on_epoch_end", "0")[0] == 0
+    """The reference run."""
+    assert _in_process(model, data, out, kind) == 0
 
 
 def _resume(model, data, out, kind):
-    """`_cmd`'s run continued from its latest step checkpoint, in this process (as a restarted
-    train.py would: everything comes from the checkpoint on disk); returns the exit code."""
-    return run_train(model, data, out, *KINDS[kind], "--save_steps", "3",
-                     "--save_on_epoch_end", "0", "--resume_from_checkpoint", "latest")[0]
+    """The run continued from its latest step checkpoint, as a restarted train.py would:
+    everything comes from the checkpoint on disk; returns the exit code."""
+    return _in_process(model, data, out, kind, "--resume_from_checkpoint", "latest")
 
 
 def _kill_when(proc, exists, timeout=120):

@@ -204,7 +204,7 @@ def run_eval(job: Job, examples: list[Example] | None, step: int) -> dict[str, f
         metrics = evaluate(job.model if job.sharded else acc.unwrap_model(job.model),
                            job.tokenizer, examples, settings, batch_size=cfg.eval_batch_size,
                            accelerator=None if job.sharded else acc,
-                           dims=[d for d, _ in cfg.matryoshka()])
+                           dims=[d for d, _ in job.loss.matryoshka])
     job.logger.log_eval(metrics, step)
     job.say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics

@@ -72,6 +72,7 @@ class Job:
     train_config: dict[str, Any]  # training_config.json: how to embed as trained
     datasets: list[dict[str, Any]]
     total_steps: int
+    warmup_steps: int
     batches_per_epoch: int | None  # None for a stream
     sharded: bool               # DeepSpeed or FSDP: weights and optimizer state are sharded
     params: tuple[int, int]     # (trainable, total)
@@ -139,9 +140,9 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's length is unknown
     total_steps = count_steps(cfg, batches_per_epoch)
+    warmup_steps = math.ceil(total_steps * cfg.warmup_proportion)
     # Not prepared by Accelerate: it is stepped here once per optimizer step, on every process.
-    scheduler = linear_schedule(optimizer, math.ceil(total_steps * cfg.warmup_proportion),
-                                total_steps)
+    scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
 
     state, rngs = RunState(world_size=accelerator.num_processes), None
     if saved:
@@ -161,7 +162,8 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
               optimizer=optimizer, scheduler=scheduler, loader=loader, data=data,
               tokenizer=tokenizer, loss=LossSettings.from_config(cfg),
               train_config=embedding_config(cfg, tokenizer, append_eos, info),
-              datasets=datasets, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
+              datasets=datasets, total_steps=total_steps, warmup_steps=warmup_steps,
+              batches_per_epoch=batches_per_epoch,
               sharded=sharded, params=params, state=state, logger=logger, say=say,
               resume_from=resume_from, rngs=rngs)
     say(banner(job, append_eos))
@@ -233,12 +235,13 @@ def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
         say(f"note: {len(unused)} parameter tensor(s) the embedding does not use are frozen "
             f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")
     width = embedding_width(model)
-    if cfg.matryoshka() and cfg.matryoshka()[0][0] > width:
+    dims = [d for d, _ in cfg.matryoshka()]
+    if dims and dims[0] > width:
         raise LaunchError(f"--matryoshka_dims {cfg.matryoshka_dims}: the model's embeddings "
                           f"have {width} dimensions")
     info.update(frozen_unused_parameters=unused, settings_from=sources,
                 dense_modules=recipe.dense, attention=cfg.attention, embedding_dim=width,
-                matryoshka_dims=[d for d, _ in cfg.matryoshka()] or None)
+                matryoshka_dims=dims or None)
     return model, info
 
 
@@ -259,9 +262,9 @@ def banner(job: Job, append_eos: bool) -> str:
             f"{sum(d['passages'] for d in datasets)} passages"
             + (f" in {len(datasets)} files" if len(datasets) > 1 else ""))
     trainable, total = job.params
-    warmup = math.ceil(job.total_steps * cfg.warmup_proportion)
     return (f"embedrag: {cfg.finetune_type} on {cfg.model_name_or_path} | {rows} | "
             f"{job.world} process(es) x batch {cfg.batch_size} x accum "
-            f"{cfg.gradient_accumulation_steps} | {job.total_steps} steps ({warmup} warmup) | "
-            f"trainable {trainable:,} of {total:,} params | append_eos={append_eos}")
+            f"{cfg.gradient_accumulation_steps} | {job.total_steps} steps "
+            f"({job.warmup_steps} warmup) | trainable {trainable:,} of {total:,} params | "
+            f"append_eos={append_eos}")
 
