@@ -101,3 +101,30 @@ def test_a_run_says_and_records_what_auto_chose(tiny_decoder, learnable_data, tm
     assert "precision: fp32 (auto: " in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "final" / "training_config.json").read_text())
     assert saved["mixed_precision"] == "no"
+
+
+def _autocast_of_another_device(monkeypatch):
+    """Accelerate's autocast as on a CUDA machine: torch.autocast("cuda"), which leaves every
+    CPU operation in its own dtype (on a machine without CUDA it is off altogether)."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "autocast",
+                        lambda self, *a, **k: torch.autocast("cuda", dtype=torch.bfloat16,
+                                                             enabled=False))
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_bf16_forwards_run_under_the_autocast_of_the_models_device(
+        tiny_decoder, learnable_data, tmp_path, monkeypatch, finetune):
+    """The trace forward before `prepare` and in-training evaluation ran under the
+    accelerator's autocast; where that is another device's (a model still on the CPU on a
+    CUDA machine), a bf16 base met fp32 LoRA weights: 'expected m1 and m2 to have the same
+    dtype' at the first forward. They now run under the autocast of the device the model is
+    on, and the run trains as it does without the patch."""
+    _autocast_of_another_device(monkeypatch)
+    code, summary, _ = run_train(tiny_decoder, learnable_data, tmp_path / "out",
+                                 "--finetune_type", finetune, "--mixed_precision", "bf16",
+                                 "--max_steps", "2", "--eval_dataset", learnable_data)
+    assert code == 0
+    assert math.isfinite(summary["final_loss"])
+    assert all(math.isfinite(m["after"]) for m in summary["eval"]["metrics"].values())

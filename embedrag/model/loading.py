@@ -151,6 +151,16 @@ def autocast_dtype(mixed_precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
+def autocast(model: nn.Module, mixed_precision: str) -> torch.autocast:
+    """Autocast to --mixed_precision's dtype on the device `model` is on. Forwards outside the
+    prepared model (the trace, probes, evaluation) use it, not the accelerator's autocast,
+    which is its device's: torch.autocast("cuda") leaves a model still on the CPU in its own
+    dtypes, and a bf16 base then meets fp32 LoRA weights."""
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=autocast_dtype(mixed_precision),
+                          enabled=mixed_precision in ("bf16", "fp16"))
+
+
 def quantization_config(bits: int, compute_dtype: torch.dtype) -> Any:
     """QLoRA's bitsandbytes settings: 4-bit NF4 with double quantization, or LLM.int8."""
     from transformers import BitsAndBytesConfig
@@ -213,8 +223,8 @@ def load_base(path: str, *, dtype: torch.dtype, config: Any, device: torch.devic
               trust_remote_code: bool = False) -> nn.Module:
     """A base model as training loads it, for training, evaluation and merging alike: in
     `dtype`, with `config` (the training's attention; see `model_config`), quantized to `bits`
-    as QLoRA does (placed on `device` as it loads, computing in `compute_dtype`), its quantized
-    layers on their training kernels."""
+    as QLoRA does (computing in `compute_dtype`), its quantized layers on their training
+    kernels; on `device`, before anything runs a forward through it."""
     from transformers import AutoModel
 
     kwargs: dict[str, Any] = {"dtype": dtype, "config": config,
@@ -224,6 +234,8 @@ def load_base(path: str, *, dtype: torch.dtype, config: Any, device: torch.devic
         kwargs["device_map"] = {"": quantized_device(torch.device(device))}
     with shipped_code_errors(path, trust_remote_code):
         model = AutoModel.from_pretrained(path, **kwargs)
+    if not bits:  # quantized weights were placed as they loaded
+        model.to(device)
     match_training_kernels(model)
     return model
 

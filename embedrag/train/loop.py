@@ -20,7 +20,7 @@ from embedrag.hardware import utilisation
 from embedrag.io import write_json
 from embedrag.losses import margin_note
 from embedrag.model.embedding import EmbeddingModel, EmbedSettings
-from embedrag.model.loading import autocast_dtype, lora_input_casts
+from embedrag.model.loading import autocast, autocast_dtype, lora_input_casts
 from embedrag.publish.card import publish
 from embedrag.train.checkpoints import restore_rng, save_model, save_step_checkpoint
 from embedrag.train.logs import done_lines, eval_summary, peak_memory
@@ -200,7 +200,7 @@ def run_eval(job: Job, examples: list[Example] | None, step: int) -> dict[str, f
         return None
     acc, cfg = job.accelerator, job.cfg
     settings = EmbedSettings.from_training_config(job.train_config)
-    with acc.autocast():
+    with autocast(job.embedder, cfg.mixed_precision):
         metrics = evaluate(job.model if job.sharded else acc.unwrap_model(job.model),
                            job.tokenizer, examples, settings, batch_size=cfg.eval_batch_size,
                            accelerator=None if job.sharded else acc,

@@ -27,6 +27,7 @@ from embedrag.model.embedding import (
 )
 from embedrag.model.loading import (
     ModelSettings,
+    autocast,
     clamped_lengths,
     load_backbone,
     lora_input_casts,
@@ -229,7 +230,7 @@ def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
     # Not for mixtures of experts: two tokens reach only the experts they are routed to.
     if not routes_experts(model_config):
         with shipped_code_errors(cfg.model_name_or_path, cfg.trust_remote_code), \
-                accelerator.autocast():
+                autocast(model, cfg.mixed_precision):
             unused = freeze_unreached(model, tokenizer)  # also the model's first forward
     if unused:
         say(f"note: {len(unused)} parameter tensor(s) the embedding does not use are frozen "
