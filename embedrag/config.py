@@ -156,10 +156,11 @@ class TrainConfig:
         "the newest complete one in --output_dir. The result equals an uninterrupted run.",
         default="")
     mixed_precision: str = _flag(
-        "Autocast through Accelerate: no, fp16 or bf16; auto = bf16 or no, whichever a short "
-        "measured probe of this model finds faster here (cached per machine and model shape; "
-        "no without native bf16). Under lora/qlora the "
-        "frozen base is also loaded in that dtype to save memory.", default="no",
+        "Autocast: no (fp32), fp16 or bf16. auto: the accelerate config's bf16/fp16 under "
+        "accelerate launch; else bf16 on GPUs that run it natively (TF32 for the rest), on a "
+        "CPU bf16 or fp32, whichever a short probe of this model measures faster (cached per "
+        "machine and shape), fp32 elsewhere. Under lora/qlora the frozen base is also loaded "
+        "in that dtype, and QLoRA computes in it.", default="auto",
         choices=MIXED_PRECISIONS)
     grad_cache_chunk_size: int = _flag(
         "GradCache: embed the batch in chunks of this many texts without a graph, then "

@@ -60,6 +60,11 @@ def reset_accelerate():
     PartialState._reset_state()
 
 
+# fp32 unless a test asks otherwise: `--mixed_precision auto` (the default) measures on CPUs
+# with native bf16, and the tests' numbers must not depend on which CPU runs them.
+PINNED = ["--mixed_precision", "no"]
+
+
 def run_train(model, data, out, *extra):
     """train.py's main() in this process; returns (exit code, summary, trained model)."""
     from embedrag.train import loop as trainer
@@ -76,7 +81,8 @@ def run_train(model, data, out, *extra):
         code = train_script.main(["--model_name_or_path", model, "--train_dataset", data,
                                   "--output_dir", str(out), "--batch_size", "4", "--epochs", "2",
                                   "--lr", "2e-3", "--neg_nums", "2", "--temperature", "0.05",
-                                  "--lora_r", "4", "--lora_alpha", "8", "--seed", "7", *extra])
+                                  "--lora_r", "4", "--lora_alpha", "8", "--seed", "7",
+                                  *PINNED, *extra])
     finally:
         trainer.train = real_train
         reset_accelerate()
@@ -97,7 +103,8 @@ FLOAT64 = ["tests/float64.py", "train.py"]
 
 def flags(model, data, out, batch, *extra):
     return ["--model_name_or_path", model, "--train_dataset", data, "--output_dir", str(out),
-            "--batch_size", str(batch), "--seed", "3", "--save_on_epoch_end", "0", *extra]
+            "--batch_size", str(batch), "--seed", "3", "--save_on_epoch_end", "0", *PINNED,
+            *extra]
 
 
 def run(cmd, env=ENV, code=0):

@@ -88,6 +88,37 @@ def test_the_probe_times_one_layer_of_the_model_as_it_trains(tiny_decoder, kind,
         assert all(p.grad is None for m in built for p in m.parameters())  # zeroed after
 
 
+def test_auto_on_a_gpu_is_bf16_with_tf32_where_it_runs_natively(tiny_encoder, cache,
+                                                                  monkeypatch):
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    calls = _timings(monkeypatch, fp32=0.1, bf16=1.0)  # a GPU is not measured
+    config, cuda = AutoConfig.from_pretrained(tiny_encoder), torch.device("cuda", 0)
+    found = precision.choose(_cfg(tiny_encoder), config, cuda)
+    assert (found["choice"], found.get("tf32")) == ("bf16", True) and calls == []
+    assert "NVIDIA H200" in found["reason"]
+    monkeypatch.setattr(precision, "native_bf16", lambda device=None: False)  # a V100
+    assert precision.choose(_cfg(tiny_encoder), config, cuda)["choice"] == "no"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("bf16", "bf16"), ("fp16", "fp16"),
+                                                 ("no", None), ("NO", None)])
+def test_the_accelerate_configs_precision_wins_over_auto(monkeypatch, value, expected):
+    """accelerate launch exports the config's mixed_precision; its "no" is also what a config
+    that never chose says, so only bf16 and fp16 decide."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", value)
+    assert precision.from_launcher() == expected
+
+
+def test_auto_is_the_default():
+    from embedrag.train.checks import build_parser
+
+    args = build_parser().parse_args(["--model_name_or_path", "m", "--train_dataset", "d",
+                                      "--output_dir", "o", "--batch_size", "4"])
+    assert args.mixed_precision == "auto"
+
+
 def test_a_run_says_and_records_what_auto_chose(tiny_decoder, learnable_data, tmp_path, cache,
                                                 monkeypatch, capsys):
     _timings(monkeypatch, fp32=0.2, bf16=0.3)
@@ -128,3 +159,21 @@ def test_bf16_forwards_run_under_the_autocast_of_the_models_device(
     assert code == 0
     assert math.isfinite(summary["final_loss"])
     assert all(math.isfinite(m["after"]) for m in summary["eval"]["metrics"].values())
+
+
+def test_a_gpu_decision_turns_tf32_on_and_says_so(tiny_decoder, learnable_data, tmp_path,
+                                                 monkeypatch, capsys):
+    """What `auto` decides on a GPU reaches the run: TF32 switched on, bf16 autocast, and
+    QLoRA-style bf16 bases for LoRA; the log names the reason."""
+    from embedrag.train import setup
+
+    switched = []
+    monkeypatch.setattr(setup, "resolve_precision", lambda cfg, config: {
+        "choice": "bf16", "tf32": True, "reason": "NVIDIA H200 runs bf16 natively"})
+    monkeypatch.setattr(setup, "allow_tf32", lambda: switched.append(True))
+    code, summary, _ = run_train(tiny_decoder, learnable_data, tmp_path / "out",
+                                 "--max_steps", "1", "--mixed_precision", "auto")
+    assert code == 0 and switched == [True]
+    assert summary["embedding"]["base_dtype"] == "bfloat16"
+    assert "precision: bf16 autocast (auto: NVIDIA H200 runs bf16 natively)" in \
+        capsys.readouterr().out

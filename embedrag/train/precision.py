@@ -1,4 +1,12 @@
-"""`--mixed_precision auto`: bf16 or fp32, whichever trains this model faster on this machine.
+"""`--mixed_precision auto` (the default): the precision a run trains in when no one said.
+
+Said elsewhere: an explicit `--mixed_precision no|fp16|bf16` wins, then the `mixed_precision`
+of the accelerate config `accelerate launch` ran with (bf16 or fp16; its "no" is also the value
+of a config that never set one, so it does not count). Otherwise:
+
+- a CUDA GPU that runs bf16 natively (Ampere and later) trains under bf16 autocast, with TF32
+  for the matmuls that stay in fp32; older GPUs and other devices train in fp32;
+- a CPU takes bf16 or fp32, whichever trains this model faster on this machine.
 
 Whether bf16 autocast pays depends on more than the hardware's bf16 support: a CPU whose bf16
 matmuls are faster can still train a whole model slower in bf16 (casts, attention and
@@ -124,6 +132,14 @@ def measure(cfg: Any, device: torch.device) -> dict[str, float]:
 
 def choose(cfg: Any, model_config: Any, device: torch.device) -> dict[str, Any]:
     """Decide `auto` on this process: {"choice": "bf16"|"no", "reason": ..., ...}."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if native_bf16(device):
+            return {"choice": "bf16", "tf32": True,
+                    "reason": f"{name} runs bf16 natively; TF32 for what stays fp32"}
+        return {"choice": "no", "reason": f"{name} has no native bf16"}
+    if device.type != "cpu":
+        return {"choice": "no", "reason": f"fp32 on {device.type}"}
     if not native_bf16(device):
         return {"choice": "no", "reason": f"no native bf16 on {hardware()}"}
     path, key = cache_path(), cache_key(cfg, model_config, device)
@@ -155,14 +171,33 @@ def choose(cfg: Any, model_config: Any, device: torch.device) -> dict[str, Any]:
     return {"choice": choice, "reason": reason, "fp32_seconds": fp32, "bf16_seconds": bf16}
 
 
+def from_launcher() -> str | None:
+    """The accelerate config's mixed_precision, when `accelerate launch` passed one that
+    chooses (bf16, fp16)."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    return value if value in ("bf16", "fp16") else None
+
+
 def resolve(cfg: Any, model_config: Any) -> dict[str, Any]:
-    """`auto` decided once, by the main process, and the same answer given to every process
-    (they must agree: each builds its Accelerator from it)."""
+    """What `auto` means for this run: {"choice": "no"|"fp16"|"bf16", "reason": ..., ...},
+    decided once, by the main process, and the same answer given to every process (they
+    must agree: each builds its Accelerator from it)."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
+    launcher = from_launcher()
+    if launcher:
+        return {"choice": launcher, "reason": "the accelerate config's mixed_precision"}
     state = PartialState(cpu=not torch.cuda.is_available())
     decided = [choose(cfg, model_config, state.device) if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(decided)
     return decided[0]
+
+
+def allow_tf32() -> None:
+    """fp32 matmuls and convolutions on CUDA in TF32 (10-bit mantissa inputs, fp32 sums),
+    through transformers' switch (torch's API for it changed in 2.9)."""
+    from transformers.utils import enable_tf32
+
+    enable_tf32(True)

@@ -48,8 +48,11 @@ from embedrag.train.checkpoints import (
 from embedrag.train.launch import make_accelerator
 from embedrag.train.logs import RunLogger
 from embedrag.train.optim import linear_schedule, make_optimizer
+from embedrag.train.precision import allow_tf32
 from embedrag.train.precision import resolve as resolve_precision
 from embedrag.train.state import RunState
+
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
 
 class LaunchError(RuntimeError):
@@ -98,17 +101,18 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     recipe = read_recipe(cfg.model_name_or_path)
     decided, sources = decide({name: getattr(cfg, name) for name in DEFAULTS}, recipe)
     cfg = dataclasses.replace(cfg, **decided)  # the caller's flags stay as given
-    precision = None  # auto: measured on this shape, or from this machine's cache
+    precision = None  # auto: see embedrag/train/precision.py
     if cfg.mixed_precision == "auto":
         precision = resolve_precision(cfg, model_config)
         cfg = dataclasses.replace(cfg, mixed_precision=precision["choice"])
+        if precision.get("tf32"):
+            allow_tf32()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps,
                                    cfg.streaming, dynamic_graph=routes_experts(model_config))
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
-    if precision:
-        say(f"precision: {'bf16 autocast' if precision['choice'] == 'bf16' else 'fp32'} "
-            f"(auto: {precision['reason']})")
+    say(f"precision: {PRECISION_NAMES[cfg.mixed_precision]} ("
+        + (f"auto: {precision['reason']})" if precision else "--mixed_precision)"))
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     append_eos = resolve_append_eos(cfg.append_eos, cfg.pooling, tokenizer)
     cfg = clamp_lengths(cfg, tokenizer, sources, say)
