@@ -183,16 +183,17 @@ def kd_loss(q: torch.Tensor, p: torch.Tensor, teacher: torch.Tensor, temperature
     b = q.shape[0]
     student = torch.einsum("bd,bgd->bg", wide(q), wide(p).view(b, -1, p.shape[-1]))
     student = student / temperature                                        # (B, G)
-    known = torch.isfinite(teacher)
-    rows = known.any(dim=-1)
-    if not rows.any():
-        return student.sum() * 0.0
-    known, student, teacher = known[rows], student[rows], teacher[rows].to(student.dtype)
-    log_t = torch.log_softmax((teacher / kd_temperature).masked_fill(~known, float("-inf")), -1)
-    log_s = torch.log_softmax(student.masked_fill(~known, float("-inf")), -1)
+    known = torch.isfinite(teacher)                                        # (B, G)
+    rows = known.any(dim=-1)                                               # (B,)
+    # A row without scores takes all its candidates (finite numbers) and then weight 0: no
+    # row is selected by a mask, which would wait for the device.
+    use = known | ~rows[:, None]                                           # (B, G)
+    teacher = teacher.nan_to_num(0.0).to(student.dtype)
+    log_t = torch.log_softmax((teacher / kd_temperature).masked_fill(~use, float("-inf")), -1)
+    log_s = torch.log_softmax(student.masked_fill(~use, float("-inf")), -1)
     # masked_fill (not where) after the log-softmax: no 0 * inf in the forward or backward pass
-    terms = log_t.exp() * (log_t.masked_fill(~known, 0.0) - log_s.masked_fill(~known, 0.0))
-    return terms.sum(dim=-1).mean()
+    terms = log_t.exp() * (log_t.masked_fill(~use, 0.0) - log_s.masked_fill(~use, 0.0))
+    return (terms.sum(dim=-1) * rows).sum() / rows.sum().clamp(min=1)     # mean over rows
 
 
 @dataclass(frozen=True)

@@ -285,3 +285,94 @@ def test_the_model_card_code_embeds_as_training(trained):
 
     _, out, _, _ = trained
     assert max(snippet_differences(out / "final")) < 1e-5
+
+
+# What makes the host wait for a device: reading a tensor's value on the host.
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+def _count_host_reads(monkeypatch):
+    """Count READS made inside optimizer steps, the way they would reach a GPU: not while the
+    loader draws and collates a batch (host tensors there), not at a logging step or an
+    epoch's end (where the loop reads on purpose), not inside the stand-in for the CUDA
+    attention kernel."""
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    from embedrag.model import varlen
+    from embedrag.train import loop
+    from tests import packed
+
+    state = {"on": False, "reads": [], "steps": 0}
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if state["on"]:
+                state["reads"].append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def paused(fn):
+        def inner(*args, **kwargs):
+            was, state["on"] = state["on"], False
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                state["on"] = was
+        return inner
+
+    real_fb = loop.forward_backward
+
+    def forward_backward(*args, **kwargs):
+        state["on"], state["steps"] = True, state["steps"] + 1
+        return real_fb(*args, **kwargs)
+
+    real_end_step = loop.Progress.end_step
+
+    def end_step(self, lr):
+        step = self.state.step + 1
+        logging = step % self.job.cfg.logging_steps == 0 or step == self.job.total_steps
+        return (paused(real_end_step) if logging else real_end_step)(self, lr)
+
+    monkeypatch.setattr(loop, "forward_backward", forward_backward)
+    monkeypatch.setattr(loop.Progress, "end_step", end_step)
+    for owner, name in ((loop, "end_epoch"), (loop, "finish"), (_BaseDataLoaderIter, "__init__"),
+                        (_BaseDataLoaderIter, "__next__")):
+        monkeypatch.setattr(owner, name, paused(getattr(owner, name)))
+    # The GPU path: packed rows through the varlen attention (its kernel a CPU stand-in).
+    monkeypatch.setattr(varlen, "install", lambda model, device: {} if not varlen.use(model)
+                        else {"varlen_attention": True})
+    monkeypatch.setattr(varlen, "varlen_attn", paused(packed.reference_varlen))
+    monkeypatch.setattr(varlen, "supports", lambda query: True)
+    return state
+
+
+@pytest.mark.parametrize("extra", [[], ["--grad_cache_chunk_size", "4",
+                                        "--gradient_accumulation_steps", "2"],
+                                   ["--finetune_type", "full", "--max_grad_norm", "0"]],
+                         ids=["lora", "grad_cache+accumulation", "full"])
+def test_no_host_reads_inside_a_step_but_at_logging_steps(tiny_decoder, learnable_data,
+                                                          tmp_path, monkeypatch, extra):
+    """On a GPU each of these reads waits for the device to finish its queue. Token counts,
+    losses and the non-finite check stay on the device until a logging step (every 4th
+    here); packing takes the texts' lengths from the collator, on the host."""
+    state = _count_host_reads(monkeypatch)
+    code, summary, _ = run_train(tiny_decoder, learnable_data, tmp_path / "out", "--cpu_kernels",
+                                 "off", "--max_steps", "8", "--logging_steps", "4", *extra)
+    assert code == 0 and summary["embedding"].get("varlen_attention")
+    assert summary["totals"]["padding_share"] == 0  # packed: no padding computed
+    assert state["steps"] >= 8 and state["reads"] == []
+
+
+def test_the_read_count_sees_a_per_step_read(tiny_decoder, learnable_data, tmp_path,
+                                             monkeypatch):
+    """The count is not blind: an optimizer that cannot skip a step on the device (as
+    bitsandbytes' cannot) makes the loop read the non-finite flag at every step."""
+    from embedrag.train import guard
+
+    state = _count_host_reads(monkeypatch)
+    monkeypatch.setattr(guard, "can_skip_on_device", lambda optimizer: False)
+    assert run_train(tiny_decoder, learnable_data, tmp_path / "out", "--cpu_kernels", "off",
+                     "--max_steps", "8", "--logging_steps", "4")[0] == 0
+    assert state["reads"].count("__int__") == 8  # one at each of the 8 steps

@@ -14,63 +14,23 @@ from transformers import AutoModel
 from embedrag.cpu import kernels, packing
 from embedrag.cpu.packing import length_buckets
 from embedrag.data.tokens import pad, tokenize
-from embedrag.model.embedding import EmbeddingModel, mean_pool
+from embedrag.model.embedding import EmbeddingModel
 from embedrag.model.tokens import load_tokenizer
-from tests.float64 import float64_norms
-
-TEXTS = ["apple", "banana cherry delta eagle", "tiger lion", "the river near the zebra x y",
-         "z", "apple banana", "eagle tiger river zebra apple banana cherry"]
-
-
-def batch(path: str, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
-    tok = load_tokenizer(path)
-    return pad(tokenize(tok, TEXTS, 32, pooling == "last"), tok.pad_token_id, tok.padding_side)
-
-
-def stock(path: str, **config) -> torch.nn.Module:
-    """The backbone as transformers computes it: its own SDPA attention, nothing swapped."""
-    return AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float64,
-                                     **config)
-
-
-def reference_model(path: str, **config) -> torch.nn.Module:
-    """`stock`, with RMSNorms in float64 by hand (transformers' compute in float32)."""
-    return float64_norms(stock(path, **config))
+from tests.packed import (
+    TEXTS,
+    batch,
+    close,
+    outputs_and_grads,
+    padded_reference,
+    reference_model,
+    stock,
+)
 
 
 def packed_model(path: str, pooling: str, **config) -> EmbeddingModel:
     backbone = stock(path, **config)
     assert kernels.install(backbone, torch.device("cpu"))["cpu_attention"]
     return EmbeddingModel(backbone, pooling).eval()
-
-
-def padded_reference(backbone, ids, mask, pooling, positions=False) -> torch.Tensor:
-    """One padded call, pooled by hand: the last real token, or the mean of the real ones;
-    normalised in float32 or wider, as EmbeddingModel's embeddings are. With `positions`,
-    every text's positions count from 0 at its first real token, as in a packed row."""
-    extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if positions else {}
-    hidden = backbone(input_ids=ids, attention_mask=mask, **extra).last_hidden_state  # (N, L, H)
-    if pooling == "mean":
-        pooled = mean_pool(hidden, mask)
-    else:
-        last = (mask * torch.arange(mask.shape[1])).argmax(1)
-        pooled = hidden[torch.arange(len(ids)), last]
-    return torch.nn.functional.normalize(
-        pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Gradients agree to 1e-10 of their largest element: far above float64 rounding, far
-    below a wrong attention (1e-2 and more)."""
-    return bool((a - b).abs().max() <= 1e-10 * b.abs().max() + 1e-14)  # key biases: 0 + noise
-
-
-def outputs_and_grads(fn, params, target):
-    for p in params:
-        p.grad = None
-    out = fn()
-    (out * target).sum().backward()
-    return out.detach(), [None if p.grad is None else p.grad.clone() for p in params]
 
 
 def _partitions(items):
@@ -218,7 +178,7 @@ def test_rows_beyond_pack_tokens_go_in_several_packed_calls(tiny_decoder, monkey
     calls = []
     real = model._embed_row
     monkeypatch.setattr(model, "_embed_row",
-                        lambda i, m: calls.append((len(m), int(m.sum()))) or real(i, m))
+                        lambda i, m, n: calls.append((len(m), int(m.sum()))) or real(i, m, n))
     assert torch.allclose(model(ids, mask), whole, atol=1e-12, rtol=0)
     assert sum(rows for rows, _ in calls) == len(TEXTS) and len(calls) > 2
     assert sum(tokens for _, tokens in calls) == int(mask.sum())

@@ -154,7 +154,7 @@ class Collator:
     """Pads queries and passages separately, each to its own longest member. Distinct passages
     are embedded once; `passage_index` lays them out row-major (query i's positive at slot i*G,
     then its G-1 negatives); `relevant_ids` lists every positive of each query's text (over
-    all rows), for the loss's false-negative mask."""
+    all rows), for the loss's false-negative mask; `*_lengths` are the texts' token counts."""
 
     def __init__(self, data: TrainingSet | None, pad_id: int, padding_side: str):
         self.data = data
@@ -183,6 +183,9 @@ class Collator:
         return {
             "query_input_ids": q_ids, "query_attention_mask": q_mask,
             "passage_input_ids": p_ids, "passage_attention_mask": p_mask,
+            # Python lists stay on the host when Accelerate moves the batch to the device:
+            # packing reads the lengths from there without waiting for the device.
+            "query_lengths": q_mask.sum(1).tolist(), "passage_lengths": p_mask.sum(1).tolist(),
             "passage_index": torch.tensor([slot[p] for p in passages]),          # (B*G,)
             "passage_ids": torch.tensor(passages), "relevant_ids": relevant,
             "rows": torch.tensor([it["row"] for it in items]),

@@ -8,6 +8,7 @@ becomes one is in `embedrag/model/loading.py`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from embedrag.cpu import packing
 from embedrag.cpu.kernels import ATTENTION, PACKED_CALLS
 from embedrag.cpu.packing import length_buckets, pack_chunks
 from embedrag.data.tokens import pad, tokenize
+from embedrag.model.varlen import VARLEN, stop_using
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -81,15 +83,18 @@ class EmbeddingModel(nn.Module):
         self.head_names = list(head_names or [])
         self._packing: bool | None = None  # decided at the first batch (`packs`)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                lengths: Sequence[int] | None = None) -> torch.Tensor:
         """(N, L) token ids and mask, padded to the batch's longest text -> (N, D) embeddings.
+        `lengths`: each text's real tokens, where the caller has them on the host (the
+        collator does); packing then reads nothing back from the device.
 
         Padding is not computed on: the texts are packed into one row (`packs`), else embedded
         a length bucket at a time (`length_buckets`), each bucket cut to its own longest text.
         A text's embedding does not depend on the padding around it, so the result — and its
         gradient — is the padded batch's, row for row."""
-        if self.packs(attention_mask):
-            return self._embed_packed(input_ids, attention_mask)
+        if self.packs(attention_mask, lengths):
+            return self._embed_packed(input_ids, attention_mask, lengths)
         buckets = length_buckets(attention_mask)
         if len(buckets) == 1 and buckets[0].window == (0, attention_mask.shape[1]):
             return self._embed(input_ids, attention_mask)
@@ -101,27 +106,36 @@ class EmbeddingModel(nn.Module):
         order = torch.tensor([i for b in buckets for i in b.rows], device=input_ids.device)
         return torch.cat(out)[torch.argsort(order)]                      # (N, D), input order
 
-    def computed_positions(self, mask: torch.Tensor) -> int:
+    def computed_positions(self, mask: torch.Tensor, lengths: Sequence[int] | None = None
+                           ) -> int:
         """Token positions `forward` computes for this padded batch (padding included)."""
-        if self.packs(mask):
-            return int(mask.sum())
+        if self.packs(mask, lengths):
+            return int(sum(lengths) if lengths is not None else mask.sum())
         return sum(len(b.rows) * (b.window[1] - b.window[0]) for b in length_buckets(mask))
 
-    def packs(self, mask: torch.Tensor) -> bool:
+    def packs(self, mask: torch.Tensor, lengths: Sequence[int] | None = None) -> bool:
         """Whether `forward` packs this batch's texts into rows with no padding at all.
 
         Packing needs an attention that keeps the texts of a row apart: EmbedRAG's CPU
-        attention (`kernels.install`) reads their boundaries from the `cu_seq_lens_q` the
-        model passes to every layer, as transformers' models pass flash-attention's. Whether
-        this model does — and takes per-text `position_ids` — is checked once, on two short
-        texts embedded packed and apart (`_packing_agrees`)."""
+        attention (`kernels.install`) or its variable-length GPU attention (`varlen`), which
+        read the boundaries from the `cu_seq_lens_q` the model passes to every layer, as
+        transformers' models pass flash-attention's. Whether this model does — and takes
+        per-text `position_ids` — is checked once, on two short texts embedded packed and
+        apart (`_packing_agrees`); a model that fails it leaves the GPU attention for SDPA."""
         config = getattr(self.backbone, "config", None)
-        if (mask.device.type != "cpu" or mask.numel() == 0 or not bool(mask.any(1).all())
-                or getattr(config, "_attn_implementation", None) != ATTENTION):
+        attention = getattr(config, "_attn_implementation", None)
+        if attention not in (ATTENTION, VARLEN) or mask.numel() == 0:
             return False
         if self._packing is None:
             self._packing = self._packing_agrees()
-        return self._packing
+            if not self._packing and attention == VARLEN:
+                stop_using(self.backbone)  # padded calls need transformers' masks
+        if not self._packing:
+            return False
+        # The GPU attention builds no masks: a batch with an empty text is packed too (the
+        # text embeds as zeros); the CPU one takes such a batch in length buckets.
+        return attention == VARLEN or (min(lengths) > 0 if lengths is not None
+                                       else bool(mask.any(1).all()))
 
     def _packing_agrees(self) -> bool:
         """Two texts of 7 and 3 random tokens, embedded packed and one at a time in eval mode
@@ -157,30 +171,39 @@ class EmbeddingModel(nn.Module):
         return calls > 0 and marked == calls and bool(
             (apart - packed).abs().max() <= (2e-2 if rounded else 1e-4))
 
-    def _embed_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _embed_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      lengths: Sequence[int] | None = None) -> torch.Tensor:
         """The rows' real tokens one after another in one row, each text with its own
         positions from 0, and their boundaries for the attention; pooled as `_embed` pools.
         Without a cache (use_cache=False), transformers reads the position ids as packed
-        texts and builds its mask block by block, which `kernels._packed` cuts the texts'
-        own masks from. Rows of more than PACK_TOKENS tokens in all go in several calls."""
-        chunks = pack_chunks(attention_mask.sum(1).tolist(), packing.PACK_TOKENS)
-        return torch.cat([self._embed_row(input_ids[a:b], attention_mask[a:b])
-                          for a, b in chunks])                            # (N, D)
+        texts. Rows of more than PACK_TOKENS tokens in all go in several calls."""
+        if lengths is None:
+            lengths = attention_mask.sum(1).tolist()
+        lengths = [int(n) for n in lengths]
+        return torch.cat([self._embed_row(input_ids[a:b], attention_mask[a:b], lengths[a:b])
+                          for a, b in pack_chunks(lengths, packing.PACK_TOKENS)])  # (N, D)
 
-    def _embed_row(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.bool()                                      # (N, L)
-        lengths = mask.sum(1)                                             # (N,)
-        bounds = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)         # (N + 1,)
-        total = int(bounds[-1])
-        positions = (torch.arange(total, device=mask.device)
-                     - bounds[:-1].repeat_interleave(lengths))            # (T,)
-        widest = int(lengths.max())
+    def _embed_row(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   lengths: list[int]) -> torch.Tensor:
+        """One packed call. Everything its shape depends on comes from `lengths` (host), so
+        nothing waits for the device."""
+        n, width = attention_mask.shape
+        device = input_ids.device
+        total, widest = sum(lengths), max(lengths)
+        bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        positions = torch.cat([torch.arange(k) for k in lengths])        # (T,)
+        # The real tokens' places in the flattened (N*L) batch, in row order: a stable sort
+        # puts the 1s of the mask first, in order, whatever side the padding is on.
+        flat = attention_mask.reshape(-1)                                 # (N*L,)
+        where = torch.argsort(flat == 0, stable=True)[:total]             # (T,)
         hidden = self.backbone(
-            input_ids=input_ids[mask][None], position_ids=positions[None],
-            cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=widest,
+            input_ids=input_ids.reshape(-1)[where][None],
+            position_ids=positions.to(device, non_blocking=True)[None],
+            cu_seq_lens_q=bounds.to(device, non_blocking=True),
+            cu_seq_lens_k=bounds.to(device, non_blocking=True), max_length_q=widest,
             max_length_k=widest, use_cache=False).last_hidden_state[0]    # (T, H)
-        padded = hidden.new_zeros((*mask.shape, hidden.shape[-1]))        # (N, L, H)
-        padded = padded.index_put((*mask.nonzero(as_tuple=True),), hidden)
+        padded = hidden.new_zeros((n * width, hidden.shape[-1]))          # (N*L, H)
+        padded = padded.index_copy(0, where, hidden).view(n, width, -1)   # (N, L, H)
         return self._finish(padded, attention_mask)
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

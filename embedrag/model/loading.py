@@ -22,6 +22,7 @@ from embedrag import quiet
 from embedrag.config import TrainConfig
 from embedrag.cpu import kernels
 from embedrag.io import read_json
+from embedrag.model import varlen
 from embedrag.model.embedding import EmbeddingModel, EmbedSettings, find_lora_targets
 from embedrag.model.recipe import decide, load_head, model_file, read_recipe
 from embedrag.model.tokens import load_tokenizer, resolve_append_eos
@@ -289,7 +290,8 @@ def load_backbone(cfg: ModelSettings, device: torch.device) -> tuple[nn.Module, 
     model = load_base(cfg.path, dtype=base_dtype, config=config, device=device,
                       bits=cfg.quantization_bits if cfg.finetune_type == "qlora" else None,
                       compute_dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code)
-    info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", "")}
+    info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", ""),
+                            **varlen.install(model, device)}  # packed rows on a GPU
     swap = kernels.install if cfg.cpu_kernels == "auto" else (lambda *_: {})
     if cfg.finetune_type == "full":
         if cfg.gradient_checkpointing:

@@ -23,7 +23,9 @@ from embedrag.model.embedding import EmbeddingModel, EmbedSettings
 from embedrag.model.loading import autocast, autocast_dtype, lora_input_casts
 from embedrag.publish.card import publish
 from embedrag.train.checkpoints import restore_rng, save_model, save_step_checkpoint
+from embedrag.train.guard import NonfiniteGuard
 from embedrag.train.logs import done_lines, eval_summary, peak_memory
+from embedrag.train.optim import rewind
 from embedrag.train.setup import Job, LaunchError, prepare
 from embedrag.train.state import PARTS, RunState, Sums
 from embedrag.train.step import forward_backward
@@ -67,10 +69,11 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                 if state.step == 0 and micro == skip:
                     run.note_margin(parts)
                 if acc.sync_gradients:
-                    # One host sync per optimizer step, agreed by all processes: a NaN on one
-                    # of them stops them all at the same step.
-                    if acc.reduce(run.nonfinite, "sum").item():
-                        stop_on_nonfinite(job, run)
+                    # Agreed by all processes, on the device (guard.py): a NaN on one of them
+                    # stops them all, before the step it happened in.
+                    run.guard.observe(acc.reduce(run.nonfinite, "sum"))
+                    if not run.guard.deferred:
+                        run.settle()
                     run.grad_norm = acc.clip_grad_norm_(job.model.parameters(),
                                                         cfg.max_grad_norm or float("inf"))
                 job.optimizer.step()
@@ -83,6 +86,7 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                 job.scheduler.step()
             run.end_step(lr)
             if cfg.save_steps and state.step % cfg.save_steps == 0:
+                run.settle()
                 checkpoint(job, run, os.path.join(cfg.output_dir,
                                                   f"checkpoint-step-{state.step}"))
             if state.step >= job.total_steps:
@@ -103,6 +107,10 @@ class Progress:
         self.start = self.window_time = time.perf_counter()
         self.sums = Sums.start(self.state, job.accelerator.device)
         self.nonfinite = torch.zeros((), device=job.accelerator.device)
+        self.guard, self.guard_start = NonfiniteGuard(job.optimizer, job.accelerator.device), \
+            self.state.step
+        self.history: dict[int, tuple[RunState, Sums]] = {}  # good states since `settle`
+        self.margin_share: torch.Tensor | None = None  # read at the first log
         self.grad_norm: Any = None
         self.bar = tqdm(total=job.total_steps, initial=self.state.step,
                         disable=not job.accelerator.is_main_process, desc="train",
@@ -112,6 +120,18 @@ class Progress:
     def mark_good(self) -> None:
         """Remember the state after a finished step: what a NaN at the next one goes back to."""
         self.good = (dataclasses.replace(self.state), self.sums.clone())
+        if self.guard.deferred:
+            self.history[self.state.step] = self.good
+
+    def settle(self) -> None:
+        """Stop if the loss of a step so far was not finite (this reads the device), going back
+        to the state before that step; otherwise forget the older good states."""
+        first = self.guard.first_bad_step()
+        if first is None:
+            self.history = {self.state.step: self.good} if self.guard.deferred else {}
+            return
+        self.good = self.history.get(self.guard_start + first - 1, self.good)
+        stop_on_nonfinite(self.job, self)
 
     def elapsed(self) -> float:
         """Seconds of training in the run, those before a resume included."""
@@ -125,9 +145,14 @@ class Progress:
         return accum / window if window < accum else 1.0
 
     def note_margin(self, parts: dict[str, torch.Tensor]) -> None:
-        """Warn once when the false-negative margin drops most candidates at the first step."""
+        """Keep the share of candidates the false-negative margin drops at the first step; the
+        first log warns once when it is most of them."""
         if "margin_dropped" in parts:
-            share = self.job.accelerator.reduce(parts["margin_dropped"], "mean").item()
+            self.margin_share = self.job.accelerator.reduce(parts["margin_dropped"], "mean")
+
+    def warn_margin(self) -> None:
+        if self.margin_share is not None:
+            share, self.margin_share = float(self.margin_share), None
             if share > 0.5:
                 self.job.say(margin_note(self.job.cfg.false_negative_margin, share))
 
@@ -143,8 +168,10 @@ class Progress:
         sums.tokens += batch["query_attention_mask"].sum()
         sums.tokens += batch["passage_attention_mask"].sum()
         embedder = self.job.embedder
-        state.slots += world * (embedder.computed_positions(batch["query_attention_mask"])
-                                + embedder.computed_positions(batch["passage_attention_mask"]))
+        state.slots += world * sum(
+            embedder.computed_positions(batch[f"{kind}_attention_mask"],
+                                        batch.get(f"{kind}_lengths"))
+            for kind in ("query", "passage"))
         sums.window_loss += loss.detach()
         for i, name in enumerate(PARTS):
             if name in parts:
@@ -159,6 +186,7 @@ class Progress:
         state.step += 1
         self.bar.update(1)
         if state.step % job.cfg.logging_steps == 0 or state.step == job.total_steps:
+            self.settle()
             self.log(lr)
         self.mark_good()
 
@@ -166,6 +194,7 @@ class Progress:
         """One record of detailed_training_logs.json: the window's mean loss (over processes
         and micro-batches), its throughput, and the loss's parts when it has some."""
         job, state, sums, acc = self.job, self.state, self.sums, self.job.accelerator
+        self.warn_margin()
         now = time.perf_counter()
         state.last_loss = acc.reduce(sums.window_loss, "mean").item() / state.window_micro
         record = {
@@ -214,6 +243,7 @@ def end_epoch(job: Job, run: Progress, epoch: int, eval_examples: list[Example] 
     """Log the epoch's mean loss and evaluation, save checkpoint-epoch-N after a whole epoch,
     and reset the epoch's counters."""
     cfg, state, acc = job.cfg, job.state, job.accelerator
+    run.settle()
     if state.epoch_micro == 0:
         raise DataError(f"{cfg.train_files()[0]}: a pass over the rows gave no batch")
     epoch_mean = acc.reduce(run.sums.epoch_loss, "mean").item() / max(state.epoch_micro, 1)
@@ -251,14 +281,17 @@ def checkpoint(job: Job, run: Progress, path: str, snap: tuple[RunState, Sums] |
 
 
 def stop_on_nonfinite(job: Job, run: Progress) -> None:
-    """Save the state before the bad step (weights and optimizer are not yet touched by it)
-    unless a step checkpoint of it exists, then stop with a message naming the step. Sharded
+    """Save the state before the bad step (weights and optimizer were not touched by it, nor,
+    when the device skipped steps, by any after it: guard.py) unless a step checkpoint of it
+    exists, then stop with a message naming the step. Sharded
     runs (DeepSpeed, FSDP) cannot resume from a step checkpoint, and DeepSpeed's engine steps
     inside backward: they just stop."""
     from accelerate.utils import broadcast_object_list
 
     at = run.good[0]
     run.bar.close()  # the message goes on a line of its own
+    if run.guard.deferred:  # steps after the bad one were skipped; the schedule was not
+        rewind(job.scheduler, at.step)
     where = f"the loss is not finite at step {at.step + 1} (epoch {at.epoch})"
     if job.sharded:
         raise NonFiniteLossError(f"{where}; stopped without a step checkpoint (DeepSpeed and "

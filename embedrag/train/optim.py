@@ -29,3 +29,14 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int,
         return max(total - s, 1) / max(total - warmup, 1)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rewind(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Put the schedule (and the optimizer's learning rates) back to where it stood after
+    `steps` optimizer steps."""
+    scheduler.last_epoch, scheduler._step_count = steps, steps + 1  # as `steps` calls leave it
+    rates = [base * f(steps) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                 strict=True)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates

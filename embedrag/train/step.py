@@ -29,23 +29,38 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _rows_everywhere(counts: list[int], device: torch.device) -> list[int]:
+_HOST_GROUPS: dict[Any, Any] = {}
+
+
+def _host_group() -> Any:
+    """A gloo group over the processes (the default group when it is gloo already): counts
+    the host knows are agreed on between hosts, without a round trip through the devices."""
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if world not in _HOST_GROUPS:  # every process gets here at the same step
+        _HOST_GROUPS[world] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[world]
+
+
+def _rows_everywhere(counts: list[int]) -> list[int]:
     """The largest of each count over all processes (the counts themselves on one)."""
     if not distributed():
         return counts
-    t = torch.tensor(counts, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor(counts)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
     return t.tolist()
 
 
-def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def grad_cache_step(encode: Callable[..., torch.Tensor],
                     batch: dict[str, torch.Tensor], chunk: int,
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     backward: Callable[[torch.Tensor], None],
                     no_sync: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """One GradCache forward/backward; returns the (detached) loss.
 
-    encode(input_ids, mask) -> embeddings; loss_fn(q, p) -> scalar loss; backward(scalar)
+    encode(input_ids, mask, lengths) -> embeddings (lengths: a list on the host, or None);
+    loss_fn(q, p) -> scalar loss; backward(scalar)
     backpropagates; no_sync() is the data-parallel wrapper's context that defers gradient
     synchronisation. Chunks of at most `chunk` texts.
 
@@ -59,38 +74,42 @@ def grad_cache_step(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device = batch["query_input_ids"].device
     kinds = ("query", "passage")
     real = [batch[f"{kind}_input_ids"].shape[0] for kind in kinds]
-    padded = _rows_everywhere(real, device)
-    parts = []  # (kind, input_ids, mask) per chunk, queries first
+    padded = _rows_everywhere(real)
+    parts = []  # (kind, input_ids, mask, lengths) per chunk, queries first
     for kind, n in zip(kinds, padded, strict=True):
         ids, mask = batch[f"{kind}_input_ids"], batch[f"{kind}_attention_mask"]
+        lengths = batch.get(f"{kind}_lengths")
         if n > ids.shape[0]:  # filler rows so that every process runs as many chunks
             extra = n - ids.shape[0]
             ids = torch.cat([ids, ids[:1].expand(extra, -1)])
             mask = torch.cat([mask, mask[:1].expand(extra, -1)])
+            lengths = None if lengths is None else [*lengths, *lengths[:1] * extra]
         for start in range(0, n, chunk):
-            parts.append((kind, ids[start:start + chunk], mask[start:start + chunk]))
+            parts.append((kind, ids[start:start + chunk], mask[start:start + chunk],
+                          None if lengths is None else lengths[start:start + chunk]))
     # 1. embed every chunk without a graph, remembering the RNG state it started from
     reps, states = [], []
     with torch.no_grad():
-        for _, ids, mask in parts:
+        for _, ids, mask, lengths in parts:
             states.append(_rng_state(device))
-            reps.append(encode(ids, mask))
-    q = torch.cat([r for r, (k, _, _) in zip(reps, parts, strict=True) if k == "query"])
-    p = torch.cat([r for r, (k, _, _) in zip(reps, parts, strict=True) if k == "passage"])
+            reps.append(encode(ids, mask, lengths))
+    q = torch.cat([r for r, part in zip(reps, parts, strict=True) if part[0] == "query"])
+    p = torch.cat([r for r, part in zip(reps, parts, strict=True) if part[0] == "passage"])
     q, p = q.detach().requires_grad_(), p.detach().requires_grad_()       # (B+, D), (P+, D)
     # 2. the loss (of the real rows) and its gradient with respect to the embeddings only
     loss = loss_fn(q[:real[0]], p[:real[1]])
     grad_q, grad_p = torch.autograd.grad(loss, [q, p])                    # filler rows: 0
-    grads = list(grad_q.split([len(r) for r, (k, _, _) in zip(reps, parts, strict=True)
-                               if k == "query"]))
-    grads += list(grad_p.split([len(r) for r, (k, _, _) in zip(reps, parts, strict=True)
-                                if k == "passage"]))
+    grads = list(grad_q.split([len(r) for r, part in zip(reps, parts, strict=True)
+                               if part[0] == "query"]))
+    grads += list(grad_p.split([len(r) for r, part in zip(reps, parts, strict=True)
+                                if part[0] == "passage"]))
     # 3. re-embed each chunk with a graph and the same dropout, push its cached gradient back
     after = _rng_state(device)
-    for n, ((_, ids, mask), state, g) in enumerate(zip(parts, states, grads, strict=True)):
+    for n, ((_, ids, mask, lengths), state, g) in enumerate(zip(parts, states, grads,
+                                                                  strict=True)):
         _set_rng_state(state, device)
         with nullcontext() if n == len(parts) - 1 else no_sync():
-            rep = encode(ids, mask)
+            rep = encode(ids, mask, lengths)
             backward((rep * g).sum())
     _set_rng_state(after, device)
     return loss.detach()
@@ -109,8 +128,10 @@ def forward_backward(accelerator: Any, model: Any, batch: dict[str, torch.Tensor
         return value
 
     if not chunk_size:
-        q = model(batch["query_input_ids"], batch["query_attention_mask"])      # (B, D)
-        p = model(batch["passage_input_ids"], batch["passage_attention_mask"])  # (P', D)
+        q = model(batch["query_input_ids"], batch["query_attention_mask"],
+                  batch.get("query_lengths"))                                   # (B, D)
+        p = model(batch["passage_input_ids"], batch["passage_attention_mask"],
+                  batch.get("passage_lengths"))                                 # (P', D)
         value = loss_of(q, p)
         accelerator.backward(value * scale)
         return value, parts
