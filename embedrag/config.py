@@ -17,6 +17,7 @@ from embedrag import __version__
 
 FINETUNE_TYPES = ("lora", "qlora", "full")
 POOLINGS = ("last", "mean", "cls")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
 APPEND_EOS = ("auto", "yes", "no")
 ATTENTIONS = ("model", "bidirectional")
@@ -113,6 +114,11 @@ class TrainConfig:
                                  default=1.0)
     weight_decay: float = _flag("AdamW weight decay (not applied to biases and norms).",
                                 default=0.0)
+    optim: str = _flag(
+        "adamw: PyTorch's (fused); adamw_8bit: bitsandbytes' AdamW with 8-bit moments, a "
+        "quarter of the optimizer memory (tensors under 4096 values keep 32-bit moments); "
+        "paged_adamw_8bit: the same, its state paged out of GPU memory under pressure.",
+        default="adamw", choices=OPTIMIZERS)
     seed: int = _flag("Seed for initialisation, shuffling and negative sampling.", default=42)
     num_workers: int = _flag("DataLoader worker processes.", default=0)
     dataset_weights: str = _flag(

@@ -5,16 +5,24 @@ from __future__ import annotations
 import torch
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                   fused: bool) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-D tensors) get no weight decay. `fused` updates all
-    parameters in one kernel (on CPU too) instead of a dozen small ops per tensor."""
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool,
+                   kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (`kind`: adamw, adamw_8bit or paged_adamw_8bit); biases and norm weights (1-D
+    tensors) get no weight decay. `fused` (PyTorch's AdamW) updates all parameters in one
+    kernel (on CPU too) instead of a dozen small ops per tensor, and can skip a step on the
+    device (train/guard.py). bitsandbytes' 8-bit AdamW keeps both moments in 8 bits, blockwise
+    quantized (on CPUs too); the paged one lets them move to host memory under pressure."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=fused)
+    import bitsandbytes as bnb
+
+    eight_bit = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    return eight_bit[kind](groups, lr=lr)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int,

@@ -140,7 +140,8 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     # skip (and would step the schedule): fused only without fp16. Sharded optimizer state is
     # not whole on any process, nor are fused kernels known to work there.
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay,
-                               fused=not sharded and cfg.mixed_precision != "fp16")
+                               fused=not sharded and cfg.mixed_precision != "fp16",
+                               kind=cfg.optim)
     embedder = model
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's length is unknown
