@@ -143,8 +143,9 @@ class TrainConfig:
         "no exact resume (see README).", default=False)
     shuffle_buffer: int = _flag("--streaming: rows in the shuffle buffer.", default=10000)
     preprocessing_num_workers: int = _flag(
-        "Processes that tokenize the training rows (datasets' map; cached, so a second run "
-        "with the same data and tokenizer skips it). 0: this process.", default=0)
+        "Processes that number the training rows' passages (datasets' map over text "
+        "hashes; cached, so a second run with the same data skips it). 0: every core for "
+        "large sets, this process for small ones. Texts are tokenized per batch.", default=0)
     max_steps: int = _flag("Stop after this many optimizer steps (0 = run all epochs).", default=0)
     logging_steps: int = _flag("Write a log record every N optimizer steps.", default=1)
     eval_dataset: str = _flag(

@@ -1,8 +1,10 @@
-"""Training data: reading and checking JSONL, sampling negatives, tokenizing once, padding.
+"""Training data: the rows as a dataset, sampling negatives, tokenizing a batch, padding.
 
-Nothing here knows about models beyond a tokenizer. Texts are tokenized once when the training
-set is built; an epoch only re-draws which positive and negatives each query gets, by indices,
-so the cost of an epoch is the model's alone.
+Nothing here knows about models beyond a tokenizer. Building the training set numbers its
+distinct passages (one hashing pass, no tokenization, so a large set starts training at once);
+an epoch re-draws which positive and negatives each query gets, by numbers, and a batch's texts
+are tokenized when the batch is collated (in the loader's workers with --num_workers), to the
+same ids every time.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedrag.data.passages import PassageTable, encode
+from embedrag.data.passages import PassageTable, hash_texts
 from embedrag.data.rows import (
     DataError,
     row_features,
 )
-from embedrag.data.tokens import pad
+from embedrag.data.tokens import pad, tokenize
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,12 @@ class TextSettings:
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """Rows tokenized once into Arrow; item i is query i with this epoch's draw of one
+    """Rows in Arrow, their passages numbered; item i is query i with this epoch's draw of one
     positive and `neg_nums` negatives, as numbers of the distinct passages (`PassageTable`).
 
     `rows` is what `embedrag.data.formats.load_rows` returns (memory-mapped Arrow), or a list of
-    Examples (small sets, tests). Tokenization runs through `Dataset.map` in `num_proc`
-    processes and is cached; an epoch only re-draws numbers."""
+    Examples (small sets, tests). Hashing runs through `Dataset.map` in `num_proc` processes
+    and is cached; `query_token_lists` and `passage_token_lists` tokenize on demand."""
 
     def __init__(self, rows: Any, tokenizer: Any, *, neg_nums: int, query_max_len: int,
                  passage_max_len: int, query_instruction: str, append_eos: bool, seed: int,
@@ -51,10 +53,11 @@ class TrainingSet(torch.utils.data.Dataset):
         self.neg_nums = neg_nums
         self.seed = seed
         self.epoch = 0
-        self.rows = encode(rows_dataset(rows), tokenizer, query_max_len=query_max_len,
-                           passage_max_len=passage_max_len, query_instruction=query_instruction,
-                           passage_instruction=passage_instruction, append_eos=append_eos,
-                           num_proc=num_proc)
+        self.tokenizer = tokenizer
+        self.lengths = (query_max_len, passage_max_len)
+        self.instructions = (query_instruction, passage_instruction)
+        self.append_eos = append_eos
+        self.rows = hash_texts(rows_dataset(rows), num_proc=num_proc)
         self.table = PassageTable(self.rows)
         self.short_rows = int((self.table.own_negative_counts() < neg_nums).sum())
         room = self.table.size - self.table.relevant_counts()
@@ -63,7 +66,8 @@ class TrainingSet(torch.utils.data.Dataset):
             raise DataError(f"{source}:{self.rows[row]['line']}: only {int(room[row])} "
                             f"passages in the file are not positives of this query; "
                             f"--neg_nums {neg_nums} needs {neg_nums}")
-        self._query_tokens = self.rows.data.column("query_ids")
+        self._queries = self.rows.data.column("query")
+        self._prompts = self.rows.data.column("prompt")  # a row's own query instruction
         self.teacher = False  # set to hand each item its candidates' teacher scores
 
     def __len__(self) -> int:
@@ -72,11 +76,24 @@ class TrainingSet(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def query_token_lists(self, rows: list[int]) -> list[list[int]]:
+        """Token ids of these rows' queries, each with its row's prompt or the common
+        instruction before it (`tokenize`: truncated, EOS kept)."""
+        common = self.instructions[0]
+        texts = [(common if prompt is None else prompt) + query for query, prompt in (
+            (self._queries[r].as_py(), self._prompts[r].as_py()) for r in rows)]
+        return tokenize(self.tokenizer, texts, self.lengths[0], self.append_eos)
+
+    def passage_token_lists(self, numbers: list[int]) -> list[list[int]]:
+        """Token ids of these passages (by number), after the passage instruction."""
+        texts = [self.instructions[1] + self.table.text(n) for n in numbers]
+        return tokenize(self.tokenizer, texts, self.lengths[1], self.append_eos)
+
     def query_tokens(self, row: int) -> list[int]:
-        return self._query_tokens[row].as_py()
+        return self.query_token_lists([row])[0]
 
     def passage_tokens(self, number: int) -> list[int]:
-        return self.table.tokens(number)
+        return self.passage_token_lists([number])[0]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         # One generator per (seed, epoch, row): the draw does not depend on batch order,
@@ -163,17 +180,19 @@ class Collator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         passages = [p for it in items for p in [it["pos"], *it["negs"]]]  # row-major
-        # Token ids come with the items (streamed rows) or from the training set (Arrow).
-        queries = [it["query_tokens"] if "query_tokens" in it else
-                   self.data.query_tokens(it["row"]) for it in items]
+        # Token ids come with the items (streamed rows) or are made now (Arrow texts).
+        queries = ([it["query_tokens"] for it in items] if "query_tokens" in items[0]
+                   else self.data.query_token_lists([it["row"] for it in items]))
         q_ids, q_mask = pad(queries, self.pad_id, self.padding_side)
-        carried = {p: ids for it in items for p, ids in it.get("tokens", {}).items()}
+        tokens = {p: ids for it in items for p, ids in it.get("tokens", {}).items()}
         # A passage drawn twice in a batch (one query's negative is another's positive) is
         # embedded once: `passage_index` maps each of the B*G slots to its distinct passage.
         distinct = list(dict.fromkeys(passages))
         slot = {p: i for i, p in enumerate(distinct)}
-        p_ids, p_mask = pad([carried[p] if p in carried else self.data.passage_tokens(p)
-                             for p in distinct], self.pad_id, self.padding_side)
+        needed = [p for p in distinct if p not in tokens]
+        if needed:
+            tokens.update(zip(needed, self.data.passage_token_lists(needed), strict=True))
+        p_ids, p_mask = pad([tokens[p] for p in distinct], self.pad_id, self.padding_side)
         # Passage ids and each query's relevant ids travel with the batch, so the mask can be
         # built against the passages of every process when negatives are shared across them.
         width = max(len(it["pos_set"]) for it in items)

@@ -117,13 +117,31 @@ class MixedSet(torch.utils.data.Dataset):
         f = int(np.searchsorted(offsets, number, side="right")) - 1
         return f, number - offsets[f]
 
+    def _by_file(self, offsets: list[int], numbers: list[int], kind: str) -> list[list[int]]:
+        """Token ids of rows or passages (`kind`) numbered over all files, each file's
+        tokenized in one call."""
+        out: list[Any] = [None] * len(numbers)
+        wanted: dict[int, list[tuple[int, int]]] = {}
+        for i, number in enumerate(numbers):
+            f, local = self._where(offsets, number)
+            wanted.setdefault(f, []).append((i, local))
+        for f, pairs in wanted.items():
+            found = getattr(self.parts[f], f"{kind}_token_lists")([n for _, n in pairs])
+            for (i, _), ids in zip(pairs, found, strict=True):
+                out[i] = ids
+        return out
+
+    def query_token_lists(self, rows: list[int]) -> list[list[int]]:
+        return self._by_file(self.row_offsets, rows, "query")
+
+    def passage_token_lists(self, numbers: list[int]) -> list[list[int]]:
+        return self._by_file(self.passage_offsets, numbers, "passage")
+
     def query_tokens(self, row: int) -> list[int]:
-        f, local = self._where(self.row_offsets, row)
-        return self.parts[f].query_tokens(local)
+        return self.query_token_lists([row])[0]
 
     def passage_tokens(self, number: int) -> list[int]:
-        f, local = self._where(self.passage_offsets, number)
-        return self.parts[f].passage_tokens(local)
+        return self.passage_token_lists([number])[0]
 
     def __getitem__(self, row: int) -> dict[str, Any]:
         f, local = self._where(self.row_offsets, row)

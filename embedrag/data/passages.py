@@ -1,17 +1,18 @@
-"""The passages of a training set, numbered, tokenized once, and kept in Arrow, not in Python.
+"""The passages of a training set, numbered, and kept in Arrow, not in Python.
 
-`encode` adds token ids and 64-bit text hashes to every row through `Dataset.map` (batched,
-optionally in several processes, cached by a fingerprint of the rows, the tokenizer and the
-settings, so a second run with the same data starts from the cache). `PassageTable` then numbers
+`hash_texts` adds 64-bit text hashes to every row through `Dataset.map` (batched, in several
+processes for large sets, cached by a fingerprint of the rows, so a second run with the same
+data starts from the cache); `encode` (evaluation sets) adds token ids too. `PassageTable` numbers
 the distinct passages by first appearance — row by row, each row's positives, then its
 negatives, as a list of every text would — and keeps, in numpy arrays, each row's positives
 and negatives by number and, for each query text, every passage relevant to it over all its
-rows. Token ids stay in the memory-mapped Arrow file and are read when a batch needs them.
+rows. Texts stay in the memory-mapped Arrow file and are read when a batch needs them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,38 @@ def encode(ds: Any, tokenizer: Any, *, query_max_len: int, passage_max_len: int,
                   features=features, desc="tokenizing")
 
 
+def hash_texts(ds: Any, num_proc: int | None = None) -> Any:
+    """The rows with query_h, pos_h and neg_h (text hashes) added, through a cached
+    `Dataset.map` in `num_proc` processes (default: every core for large sets). Training
+    tokenizes per batch (`TrainingSet`), so preparing a set costs one hashing pass."""
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    h = datasets.Value("int64")
+    features = datasets.Features({**ds.features, "query_h": h, "pos_h": datasets.Sequence(h),
+                                  "neg_h": datasets.Sequence(h)})
+    return ds.map(_hash_batch, batched=True, num_proc=num_proc or default_processes(len(ds)),
+                  new_fingerprint=Hasher.hash((ds._fingerprint, "embedrag-hash-1")),
+                  features=features, desc="hashing")
+
+
+def default_processes(rows: int) -> int | None:
+    """Processes for a pass over `rows` rows: every core this process may use, one per
+    ROWS_PER_PROCESS rows at least (starting one costs about what hashing that many does)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = min(cores or 1, rows // ROWS_PER_PROCESS)
+    return n if n > 1 else None
+
+
+ROWS_PER_PROCESS = 20_000
+
+
+def _hash_batch(batch: dict[str, list]) -> dict[str, list]:
+    return {"query_h": [text_hash(q) for q in batch["query"]],
+            **{f"{kind}_h": [[text_hash(t) for t in row] for row in batch[kind]]
+               for kind in ("pos", "neg")}}
+
+
 def tokenize_column(ds: Any, column: str, tokenizer: Any, *, max_len: int, instruction: str,
                     append_eos: bool) -> Any:
     """`ds` with `ids` (token ids of `column`, tokenized as `tokenize` does) and `n` (their
@@ -80,14 +113,12 @@ def _encode_batch(batch: dict[str, list], tokenizer: Any, settings: tuple) -> di
     prompts = batch.get("prompt") or [None] * len(batch["query"])  # a row's own instruction
     queries = [(q_inst if p is None else p) + q for p, q in zip(prompts, batch["query"],
                                                                   strict=True)]
-    out = {"query_ids": tokenize(tokenizer, queries, q_len, eos),
-           "query_h": [text_hash(q) for q in batch["query"]]}
+    out = {"query_ids": tokenize(tokenizer, queries, q_len, eos)}
     for kind in ("pos", "neg"):
         texts = [t for row in batch[kind] for t in row]
         ids = iter(tokenize(tokenizer, [p_inst + t for t in texts], p_len, eos))
         out[f"{kind}_ids"] = [[next(ids) for _ in row] for row in batch[kind]]
-        out[f"{kind}_h"] = [[text_hash(t) for t in row] for row in batch[kind]]
-    return out
+    return {**out, **_hash_batch(batch)}
 
 
 def _flat(column: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +137,8 @@ class PassageTable:
     def __init__(self, ds: Any):
         table = ds.data
         self._columns = {name: table.column(name) for name in ("pos", "neg", "pos_ids",
-                                                               "neg_ids")}
+                                                               "neg_ids")
+                         if name in table.column_names}  # token ids: `encode`d sets only
         pos_h, self.pos_off = _flat(table.column("pos_h"))
         neg_h, self.neg_off = _flat(table.column("neg_h"))
         rows = len(ds)
