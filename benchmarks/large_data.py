@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Training sets bigger than memory: peak RSS and time of a one-step run, by loader and size.
+"""Large training sets: time to the first step, and peak RSS, of a one-step run, by size.
 
-    python benchmarks/large_data.py [--rows 10000 100000 1000000] [--old_commit 7b4946b]
+    python benchmarks/large_data.py [--rows 10000 200000] [--old_commit 3fe819a]
 
 Synthetic rows like mined retrieval data (a query, 1 positive and 7 negatives of ~600
 characters: ~5 KB a row) go to a tiny LoRA model for one optimizer step. Each run is
-`train.py --max_steps 1` in its own process; the figures are that process's peak RSS and its
-wall time (load, check, tokenize, one step, save). The new loader runs twice — first with an
-empty datasets cache, then with the cache of the first run — and the loader before it (the
-in-memory one, from a git worktree of --old_commit) once, for sizes up to --old_up_to.
+`train.py --max_steps 1` in its own process; the figures are the time from its start to the
+end of its first optimizer step (imports, load, check, convert, hash, the model, the step), its
+wall time to exit (saving included) and its peak RSS. The current loader runs twice — first
+with an empty datasets cache, then with the cache of the first run — and the loader of
+--old_commit (from a git worktree) once, for sizes up to --old_up_to.
 
 Peak RSS counts the pages of memory-mapped Arrow files the run has read, which are page cache
 the kernel drops when memory is short; the anonymous peak is what the process itself holds.
@@ -31,9 +32,10 @@ sys.path.insert(0, ROOT)
 
 # Runs the command, sampling its /proc status every 0.2 s: peak RSS (kernel's own figure), and
 # the peaks of its anonymous memory (what only the process holds) and of its file-backed pages
-# (memory-mapped Arrow files: page cache the kernel may drop and re-read at will).
+# (memory-mapped Arrow files: page cache the kernel may drop and re-read at will). Its progress
+# bar (stderr) tells when the first optimizer step finished: "train: ... 1/1".
 RUNNER = """
-import resource, subprocess, sys, time
+import resource, subprocess, sys, threading, time
 def status(pid):
     try:
         lines = open(f"/proc/{pid}/status").read().splitlines()
@@ -42,14 +44,22 @@ def status(pid):
     return {k: int(v.split()[0]) for k, v in (l.split(":", 1) for l in lines)
             if k in ("RssAnon", "RssFile")}
 start = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+first = [float("nan")]
+def watch():
+    seen = b""
+    while chunk := proc.stderr.read1(65536):
+        seen = (seen + chunk)[-4096:]
+        if first[0] != first[0] and b"1/1 [" in seen:
+            first[0] = time.perf_counter() - start
+threading.Thread(target=watch, daemon=True).start()
 anon = files = 0
 while proc.poll() is None:
     now = status(proc.pid)
     anon, files = max(anon, now.get("RssAnon", 0)), max(files, now.get("RssFile", 0))
     time.sleep(0.2)
 print(proc.returncode, time.perf_counter() - start,
-      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, anon, files)
+      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, anon, files, first[0])
 """
 
 
@@ -99,18 +109,20 @@ def measure(train_py: str, model: str, data: str, out: str, env: dict,
                 f.write(str(os.getpid()))
     done = subprocess.run([sys.executable, "-c", RUNNER, *cmd], env=env, capture_output=True,
                           text=True, preexec_fn=enter)
-    code, seconds, rss_kib, anon_kib, file_kib = done.stdout.split()
-    return {"exit": int(code), "seconds": float(seconds), "peak_rss_mib": int(rss_kib) / 1024,
-            "peak_anon_mib": int(anon_kib) / 1024, "peak_file_mib": int(file_kib) / 1024}
+    code, seconds, rss_kib, anon_kib, file_kib, first = done.stdout.split()
+    return {"exit": int(code), "seconds": float(seconds), "first_step_s": float(first),
+            "peak_rss_mib": int(rss_kib) / 1024, "peak_anon_mib": int(anon_kib) / 1024,
+            "peak_file_mib": int(file_kib) / 1024}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
-    p.add_argument("--old_commit", default="7b4946b")
-    p.add_argument("--old_up_to", type=int, default=100_000,
-                   help="run the old loader only up to this many rows (it held 200k rows "
-                        "in more than 24 GB)")
+    p.add_argument("--rows", type=int, nargs="+", default=[10_000, 200_000])
+    p.add_argument("--old_commit", default="3fe819a",
+                   help="the loader to compare with (3fe819a tokenized every row up front; "
+                        "7b4946b held the rows in Python)")
+    p.add_argument("--old_up_to", type=int, default=20_000,
+                   help="run the old loader only up to this many rows")
     p.add_argument("--workdir", default=None)
     p.add_argument("--memory_limit_mib", type=int, default=0,
                    help="run the new loader's first run of sizes above 10k rows inside a "
@@ -150,7 +162,8 @@ def main() -> None:
             r = measure(train_py, model, data, os.path.join(work, "out"),
                         {**env, "HF_DATASETS_CACHE": cache_dir}, group)
             results.append({"rows": n, "loader": name, **r})
-            print(f"{n:>9} rows  {name:34} exit {r['exit']}  {r['seconds']:7.1f} s  "
+            print(f"{n:>9} rows  {name:34} exit {r['exit']}  first step at "
+                  f"{r['first_step_s']:6.1f} s, exit at {r['seconds']:6.1f} s  "
                   f"peak RSS {r['peak_rss_mib']:6.0f} MiB (anonymous {r['peak_anon_mib']:6.0f}, "
                   f"file-backed {r['peak_file_mib']:6.0f})", flush=True)
     with open(os.path.join(work, "results.json"), "w") as f:

@@ -14,9 +14,15 @@ from typing import Any
 @contextmanager
 def replacing(path: str) -> Iterator[str]:
     """A temporary path to write `path`'s new content to; it takes `path`'s place only when the
-    block ends without an error, so a reader never sees half a file."""
-    tmp = path + ".tmp"
-    yield tmp
+    block ends without an error (else it is removed), so a reader never sees half a file. Each
+    process writes its own, so processes writing the same file do not clobber each other."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
