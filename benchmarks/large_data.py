@@ -153,7 +153,7 @@ def main() -> None:
         runs = [("new, first run", os.path.join(ROOT, "train.py"), cache),
                 ("new, cached", os.path.join(ROOT, "train.py"), cache)]
         if n <= args.old_up_to:
-            runs.append(("before (in memory)", os.path.join(old, "train.py"), cache))
+            runs.append((f"before ({args.old_commit})", os.path.join(old, "train.py"), cache))
         for name, train_py, cache_dir in runs:
             group = None
             if args.memory_limit_mib and n > 10_000 and name == "new, first run":

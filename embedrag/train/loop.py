@@ -1,5 +1,5 @@
 """The training loop, under Hugging Face Accelerate. Read `train` top to bottom; `setup.py`
-builds what it steps through, `Progress` keeps its counters."""
+builds what it steps through, `progress.Progress` keeps its counters and logs."""
 
 from __future__ import annotations
 
@@ -11,23 +11,21 @@ import warnings
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from embedrag.config import TrainConfig
 from embedrag.data.rows import DataError, Example
 from embedrag.eval.evaluate import evaluate
 from embedrag.hardware import utilisation
 from embedrag.io import write_json
-from embedrag.losses import margin_note
 from embedrag.model.embedding import EmbeddingModel, EmbedSettings
 from embedrag.model.loading import autocast, autocast_dtype, lora_input_casts
 from embedrag.publish.card import publish
 from embedrag.train.checkpoints import restore_rng, save_model, save_step_checkpoint
-from embedrag.train.guard import NonfiniteGuard
 from embedrag.train.logs import done_lines, eval_summary, peak_memory
 from embedrag.train.optim import rewind
+from embedrag.train.progress import Progress
 from embedrag.train.setup import Job, LaunchError, prepare
-from embedrag.train.state import PARTS, RunState, Sums
+from embedrag.train.state import RunState, Sums
 from embedrag.train.step import forward_backward
 
 __all__ = ["LaunchError", "NonFiniteLossError", "train"]
@@ -72,8 +70,8 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
                     # Agreed by all processes, on the device (guard.py): a NaN on one of them
                     # stops them all, before the step it happened in.
                     run.guard.observe(acc.reduce(run.nonfinite, "sum"))
-                    if not run.guard.deferred:
-                        run.settle()
+                    if not run.guard.deferred and run.flush():
+                        stop_on_nonfinite(job, run)
                     run.grad_norm = acc.clip_grad_norm_(job.model.parameters(),
                                                         cfg.max_grad_norm or float("inf"))
                 job.optimizer.step()
@@ -84,9 +82,11 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             lr = job.scheduler.get_last_lr()[0]  # the rate this step trained at
             if not acc.optimizer_step_was_skipped:
                 job.scheduler.step()
-            run.end_step(lr)
+            if run.end_step(lr):  # a queued record or flag showed a non-finite loss
+                stop_on_nonfinite(job, run)
             if cfg.save_steps and state.step % cfg.save_steps == 0:
-                run.settle()
+                if run.flush():
+                    stop_on_nonfinite(job, run)
                 checkpoint(job, run, os.path.join(cfg.output_dir,
                                                   f"checkpoint-step-{state.step}"))
             if state.step >= job.total_steps:
@@ -96,130 +96,6 @@ def train(cfg: TrainConfig, rows: Any, eval_examples: list[Example] | None = Non
             break
     run.bar.close()
     return finish(job, run)
-
-
-class Progress:
-    """The loop's counters: the run's `RunState`, the loss and token sums kept on the device
-    until a log point, the progress bar and clocks, and the last state known to be good."""
-
-    def __init__(self, job: Job):
-        self.job, self.state = job, job.state
-        self.start = self.window_time = time.perf_counter()
-        self.sums = Sums.start(self.state, job.accelerator.device)
-        self.nonfinite = torch.zeros((), device=job.accelerator.device)
-        self.guard, self.guard_start = NonfiniteGuard(job.optimizer, job.accelerator.device), \
-            self.state.step
-        self.history: dict[int, tuple[RunState, Sums]] = {}  # good states since `settle`
-        self.margin_share: torch.Tensor | None = None  # read at the first log
-        self.grad_norm: Any = None
-        self.bar = tqdm(total=job.total_steps, initial=self.state.step,
-                        disable=not job.accelerator.is_main_process, desc="train",
-                        dynamic_ncols=True)
-        self.mark_good()
-
-    def mark_good(self) -> None:
-        """Remember the state after a finished step: what a NaN at the next one goes back to."""
-        self.good = (dataclasses.replace(self.state), self.sums.clone())
-        if self.guard.deferred:
-            self.history[self.state.step] = self.good
-
-    def settle(self) -> None:
-        """Stop if the loss of a step so far was not finite (this reads the device), going back
-        to the state before that step; otherwise forget the older good states."""
-        first = self.guard.first_bad_step()
-        if first is None:
-            self.history = {self.state.step: self.good} if self.guard.deferred else {}
-            return
-        self.good = self.history.get(self.guard_start + first - 1, self.good)
-        stop_on_nonfinite(self.job, self)
-
-    def elapsed(self) -> float:
-        """Seconds of training in the run, those before a resume included."""
-        return self.state.elapsed_s + time.perf_counter() - self.start
-
-    def scale(self, micro: int) -> float:
-        """Accelerate divides every micro-loss by the accumulation steps; an epoch's last window
-        may be shorter, so rescale to keep its gradient a mean, not a fraction."""
-        accum, per_epoch = self.job.cfg.gradient_accumulation_steps, self.job.batches_per_epoch
-        window = accum if per_epoch is None else min(accum, per_epoch - micro // accum * accum)
-        return accum / window if window < accum else 1.0
-
-    def note_margin(self, parts: dict[str, torch.Tensor]) -> None:
-        """Keep the share of candidates the false-negative margin drops at the first step; the
-        first log warns once when it is most of them."""
-        if "margin_dropped" in parts:
-            self.margin_share = self.job.accelerator.reduce(parts["margin_dropped"], "mean")
-
-    def warn_margin(self) -> None:
-        if self.margin_share is not None:
-            share, self.margin_share = float(self.margin_share), None
-            if share > 0.5:
-                self.job.say(margin_note(self.job.cfg.false_negative_margin, share))
-
-    def count(self, micro: int, batch: dict[str, torch.Tensor], loss: torch.Tensor,
-              parts: dict[str, torch.Tensor]) -> None:
-        """Fold one micro-batch into the counters. Tokens and losses are summed on the device
-        and read back only when logging; the positions computed (packed, or in length
-        buckets) are known on the host from the masks."""
-        state, sums, world = self.state, self.sums, self.job.world
-        n = batch["query_input_ids"].shape[0] * world
-        state.micro, state.samples, state.window_samples = (
-            micro + 1, state.samples + n, state.window_samples + n)
-        sums.tokens += batch["query_attention_mask"].sum()
-        sums.tokens += batch["passage_attention_mask"].sum()
-        embedder = self.job.embedder
-        state.slots += world * sum(
-            embedder.computed_positions(batch[f"{kind}_attention_mask"],
-                                        batch.get(f"{kind}_lengths"))
-            for kind in ("query", "passage"))
-        sums.window_loss += loss.detach()
-        for i, name in enumerate(PARTS):
-            if name in parts:
-                sums.window_parts[i] += parts[name]
-        sums.epoch_loss += loss.detach()
-        state.window_micro += 1
-        state.epoch_micro += 1
-
-    def end_step(self, lr: float) -> None:
-        """Count a finished optimizer step; log it at a logging step."""
-        job, state = self.job, self.state
-        state.step += 1
-        self.bar.update(1)
-        if state.step % job.cfg.logging_steps == 0 or state.step == job.total_steps:
-            self.settle()
-            self.log(lr)
-        self.mark_good()
-
-    def log(self, lr: float) -> None:
-        """One record of detailed_training_logs.json: the window's mean loss (over processes
-        and micro-batches), its throughput, and the loss's parts when it has some."""
-        job, state, sums, acc = self.job, self.state, self.sums, self.job.accelerator
-        self.warn_margin()
-        now = time.perf_counter()
-        state.last_loss = acc.reduce(sums.window_loss, "mean").item() / state.window_micro
-        record = {
-            "step": state.step, "epoch": state.epoch, "loss": state.last_loss,
-            "learning_rate": lr,
-            "grad_norm": None if self.grad_norm is None else float(self.grad_norm),
-            "samples_per_second": state.window_samples / max(now - self.window_time, 1e-9),
-            "tokens": self.tokens(),  # since the run began
-            "elapsed_s": state.elapsed_s + now - self.start,
-        }
-        if job.loss.has_parts:  # the loss's parts, as means
-            means = acc.reduce(sums.window_parts, "mean") / state.window_micro
-            record.update({f"loss_{name}": v for name, v in zip(PARTS, means.tolist(),
-                                                                 strict=True)
-                           if name != "kd" or job.loss.kd_weight})
-        job.logger.log_step(record)
-        self.bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}",
-                             sps=f"{record['samples_per_second']:.1f}")
-        sums.window_loss.zero_()
-        sums.window_parts.zero_()
-        state.window_micro, state.window_samples, self.window_time = 0, 0, now
-
-    def tokens(self) -> int:
-        """Real tokens trained on since the run began, over all processes."""
-        return self.state.tokens + int(self.sums.tokens) * self.job.world
 
 
 def run_eval(job: Job, examples: list[Example] | None, step: int) -> dict[str, float] | None:
@@ -243,7 +119,8 @@ def end_epoch(job: Job, run: Progress, epoch: int, eval_examples: list[Example] 
     """Log the epoch's mean loss and evaluation, save checkpoint-epoch-N after a whole epoch,
     and reset the epoch's counters."""
     cfg, state, acc = job.cfg, job.state, job.accelerator
-    run.settle()
+    if run.flush():
+        stop_on_nonfinite(job, run)
     if state.epoch_micro == 0:
         raise DataError(f"{cfg.train_files()[0]}: a pass over the rows gave no batch")
     epoch_mean = acc.reduce(run.sums.epoch_loss, "mean").item() / max(state.epoch_micro, 1)
