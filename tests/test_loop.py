@@ -291,7 +291,7 @@ def test_the_model_card_code_embeds_as_training(trained):
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 
 
-def _count_host_reads(monkeypatch, gpu_attention=True):
+def _count_host_reads(monkeypatch, gpu_attention="kernel"):
     """Count READS made inside optimizer steps, the way they would reach a GPU: not while the
     loader draws and collates a batch (host tensors there), not where the loop reads the
     device on purpose (`Progress.flush`, the end of an epoch or of the run), not inside the
@@ -332,26 +332,28 @@ def _count_host_reads(monkeypatch, gpu_attention=True):
     for owner, name in ((progress.Progress, "flush"), (loop, "end_epoch"), (loop, "finish"),
                         (_BaseDataLoaderIter, "__init__"), (_BaseDataLoaderIter, "__next__")):
         monkeypatch.setattr(owner, name, paused(getattr(owner, name)))
-    if gpu_attention:  # packed rows through the varlen attention (its kernel a CPU stand-in)
+    if gpu_attention:  # packed rows through the varlen attention (its kernel a CPU stand-in,
+        # or its grouped fallback, as for fp32 on a GPU)
         monkeypatch.setattr(varlen, "install", lambda model, device: {} if not varlen.use(model)
                             else {"varlen_attention": True})
         monkeypatch.setattr(varlen, "varlen_attn", paused(packed.reference_varlen))
-        monkeypatch.setattr(varlen, "supports", lambda query: True)
+        monkeypatch.setattr(varlen, "supports", lambda query: gpu_attention == "kernel")
     return state
 
 
-@pytest.mark.parametrize("extra", [[], ["--grad_cache_chunk_size", "4",
-                                        "--gradient_accumulation_steps", "2"],
-                                   ["--finetune_type", "full", "--max_grad_norm", "0",
-                                    "--logging_steps", "3"]],
-                         ids=["lora", "grad_cache+accumulation", "full"])
+@pytest.mark.parametrize(("attention", "extra"), [
+    ("kernel", []),
+    ("kernel", ["--grad_cache_chunk_size", "4", "--gradient_accumulation_steps", "2"]),
+    ("kernel", ["--finetune_type", "full", "--max_grad_norm", "0", "--logging_steps", "3"]),
+    ("grouped", [])], ids=["lora", "grad_cache+accumulation", "full", "grouped fallback"])
 def test_no_host_reads_inside_a_step(tiny_decoder, learnable_data, tmp_path, monkeypatch,
-                                     extra):
+                                     attention, extra):
     """On a GPU each of these reads waits for the device to finish its queue. Token counts,
     losses and the non-finite flag stay on the device and are read back together every 10
     steps, at checkpoints and at epoch ends (`Progress.flush`), though a record is logged at
-    every step; packing takes the texts' lengths from the collator, on the host."""
-    state = _count_host_reads(monkeypatch)
+    every step; packing takes the texts' lengths from the collator, on the host, and so does
+    the varlen attention's grouped fallback (fp32 on a GPU)."""
+    state = _count_host_reads(monkeypatch, attention)
     code, summary, _ = run_train(tiny_decoder, learnable_data, tmp_path / "out", "--cpu_kernels",
                                  "off", "--max_steps", "12", "--epochs", "3", *extra)
     assert code == 0 and summary["embedding"].get("varlen_attention")

@@ -190,7 +190,9 @@ class EmbeddingModel(nn.Module):
         n, width = attention_mask.shape
         device = input_ids.device
         total, widest = sum(lengths), max(lengths)
-        bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        starts = [0, *itertools.accumulate(lengths)]
+        bounds = torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True)
+        bounds.host_starts = starts  # an attention that needs them on the host reads these
         positions = torch.cat([torch.arange(k) for k in lengths])        # (T,)
         # The real tokens' places in the flattened (N*L) batch, in row order: a stable sort
         # puts the 1s of the mask first, in order, whatever side the padding is on.
@@ -199,8 +201,7 @@ class EmbeddingModel(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids.reshape(-1)[where][None],
             position_ids=positions.to(device, non_blocking=True)[None],
-            cu_seq_lens_q=bounds.to(device, non_blocking=True),
-            cu_seq_lens_k=bounds.to(device, non_blocking=True), max_length_q=widest,
+            cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=widest,
             max_length_k=widest, use_cache=False).last_hidden_state[0]    # (T, H)
         padded = hidden.new_zeros((n * width, hidden.shape[-1]))          # (N*L, H)
         padded = padded.index_copy(0, where, hidden).view(n, width, -1)   # (N, L, H)

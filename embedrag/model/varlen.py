@@ -12,7 +12,8 @@ each text against itself alone through a variable-length kernel:
   attention dropout, which PyTorch's kernel does not draw;
 - otherwise (fp32, a GPU before Ampere, dropout without flash-attn, a soft cap) the texts are
   gathered into groups of similar length, each a padded SDPA call: the padding costs
-  attention only, never the linear layers, but reading the boundaries waits for the device.
+  attention only, never the linear layers (the boundaries come from the host, where
+  `EmbeddingModel` attaches them to the tensor it passes).
 
 No attention mask is built for this attention (none is registered with transformers'
 `AttentionMaskInterface`): transformers would otherwise scan the position ids for packed
@@ -120,7 +121,7 @@ def grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Ten
     bounds: (S + 1,) text starts. Returns (T, H, d)."""
     from torch.nn.utils.rnn import pad_sequence
 
-    starts = bounds.tolist()
+    starts = getattr(bounds, "host_starts", None) or bounds.tolist()  # EmbeddingModel's
     lengths = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     texts = [t.split(lengths) for t in (q, k, v)]                         # (l, H|Hkv, d) each
     pieces: dict[int, torch.Tensor] = {}
