@@ -173,6 +173,10 @@ class TrainConfig:
         "GradCache: embed the batch in chunks of this many texts without a graph, then "
         "backpropagate chunk by chunk. Same loss and gradients, memory of one chunk: big "
         "batches (more in-batch negatives) on small GPUs (0 = off).", default=0)
+    ddp_timeout: int = _flag(
+        "Seconds a process waits for the others at a collective (the process group's "
+        "timeout) before the run fails; raise it when one process has long work of its own "
+        "(a first pass over a large training set on a slow disk).", default=1800)
     num_processes: int = _flag(
         "Worker processes to train with, one per device, started by train.py itself. 0: one per "
         "visible CUDA device (1 without a GPU); 1: this process only; N: N workers (on a CPU "

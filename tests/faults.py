@@ -8,6 +8,7 @@ Keys of the JSON object in EMBEDRAG_FAULTS:
     sleep_per_step  seconds to sleep after each logged step (lets a test kill a run mid-way)
     save_delay      seconds to sleep before a step checkpoint's trainer_state.json is written
     fail_rank       that process raises OSError("injected on rank N") in its first step
+    stall           {"rank": N, "seconds": S}: that process sleeps S seconds before its first step
     probe           {"log": FILE}: --mixed_precision auto's probe is not run; each process that
                     would run it appends its rank to FILE and finds bf16 faster on rank 0 and
                     fp32 faster elsewhere (every process reports native bf16)
@@ -67,6 +68,16 @@ def install(faults: dict) -> None:
             raise OSError(f"injected on rank {faults['fail_rank']}")
 
         trainer.forward_backward = fail
+    if "stall" in faults and int(os.environ.get("RANK", "0")) == faults["stall"]["rank"]:
+        real_fb, slept = trainer.forward_backward, []
+
+        def stalled(*args, **kwargs):
+            if not slept:
+                slept.append(True)
+                time.sleep(faults["stall"]["seconds"])
+            return real_fb(*args, **kwargs)
+
+        trainer.forward_backward = stalled
     if "probe" in faults:
         def measure(cfg, device):
             rank = int(os.environ.get("RANK", "0"))

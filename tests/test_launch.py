@@ -296,3 +296,55 @@ def test_spawning_needs_no_launcher_and_a_launcher_decides_itself(monkeypatch):
     assert workers_to_start(0) == 1       # torchrun / accelerate launch started this one
     assert check_world_size(2) is None and check_world_size(0) is None
     assert "launcher started 2" in check_world_size(3)
+
+
+# --- the process group's timeout, and two machines ------------------------------------------
+
+def test_ddp_timeout_bounds_the_wait_for_a_stalled_process(tiny_decoder, learnable_data,
+                                                           tmp_path):
+    """Rank 1 stalls for two minutes before its first step; with --ddp_timeout 5 rank 0 gives
+    up at its first collective instead of waiting (the default is 30 minutes)."""
+    import subprocess
+    import time
+
+    env = {**ENV, "EMBEDRAG_FAULTS": json.dumps({"stall": {"rank": 1, "seconds": 120}})}
+    start = time.perf_counter()
+    done = subprocess.run([*TORCHRUN, "tests/faults.py",
+                           *flags(tiny_decoder, learnable_data, tmp_path / "o", 2,
+                                  "--ddp_timeout", "5", "--max_steps", "2")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+    assert done.returncode != 0 and time.perf_counter() - start < 110
+    assert "timed out" in done.stderr.lower() or "timeout" in done.stderr.lower(), \
+        done.stderr[-2000:]
+
+
+def test_two_machines_on_one_host_train_into_one_output(tiny_decoder, learnable_data, tmp_path):
+    """torchrun --nnodes 2 on one host, each "machine" with its own datasets cache and one
+    output folder between them: each machine's first process converts and hashes the data
+    into its own cache, and the run writes one final/."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "shared_out"
+    procs = []
+    for node in (0, 1):
+        env = {**ENV, "HF_DATASETS_CACHE": str(tmp_path / f"cache{node}")}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+             str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+             "--master_port", str(port), "train.py",
+             *flags(tiny_decoder, learnable_data, out, 2, "--max_steps", "3",
+                    "--save_steps", "2")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    summary = json.loads((out / "training_summary_report.json").read_text())
+    assert summary["world_size"] == 2 and summary["totals"]["steps"] == 3
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoint-step-2" / "trainer_state.json").is_file()
+    assert [r["step"] for r in logs(out)] == [1, 2, 3]
+    for node in (0, 1):  # each machine prepared the data in its own cache
+        assert list((tmp_path / f"cache{node}" / "embedrag").glob("*.arrow"))

@@ -103,26 +103,37 @@ def _arrow(generator: Any, path: str, features: Any) -> Any:
     straight from Python lists (datasets' `from_generator` encodes row by row, several times
     slower); the file appears whole or not at all."""
     import datasets
-    import pyarrow as pa
 
     stat = os.stat(path)
     stamp = _stamp(generator.__name__, os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
     folder = os.path.join(datasets.config.HF_DATASETS_CACHE, "embedrag")
     target = os.path.join(folder, f"{generator.__name__.strip('_')}-{stamp}.arrow")
     if not os.path.isfile(target):
+        from filelock import FileLock
+
         os.makedirs(folder, exist_ok=True)
-        schema = features.arrow_schema
-        with replacing(target) as tmp, pa.OSFile(tmp, "wb") as sink, \
-                pa.ipc.new_stream(sink, schema) as writer:
-            rows = generator(os.path.abspath(path))
-            while batch := list(itertools.islice(rows, BATCH_ROWS)):
-                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+        # The processes of a run on one machine: one converts, the others wait for its file
+        # (or, if it found bad rows, check the file themselves and say the same).
+        with FileLock(target + ".lock"):
+            if not os.path.isfile(target):
+                _write_arrow(generator(os.path.abspath(path)), target,
+                             features.arrow_schema)
     ds = datasets.Dataset.from_file(target)
     ds._fingerprint = stamp  # what later cached steps (hashing) key on
     return ds
 
 
 BATCH_ROWS = 10_000
+
+
+def _write_arrow(rows: Any, target: str, schema: Any) -> None:
+    """`rows` (dicts) as an Arrow stream file at `target`, whole or not at all."""
+    import pyarrow as pa
+
+    with replacing(target) as tmp, pa.OSFile(tmp, "wb") as sink, \
+            pa.ipc.new_stream(sink, schema) as writer:
+        while batch := list(itertools.islice(rows, BATCH_ROWS)):
+            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
 
 
 def _stamp(*parts: Any) -> str:

@@ -174,7 +174,7 @@ RESUME_MAY_CHANGE = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "epochs", "max_steps",
     "save_steps", "save_total_limit", "save_on_epoch_end", "logging_steps", "eval_dataset",
     "eval_batch_size", "num_workers", "preprocessing_num_workers", "num_processes",
-    "gradient_checkpointing", "grad_cache_chunk_size"})
+    "gradient_checkpointing", "grad_cache_chunk_size", "ddp_timeout"})
 
 
 def check_resumable(cfg: TrainConfig, saved: dict[str, Any], world_size: int,

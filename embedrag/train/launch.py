@@ -160,3 +160,15 @@ def make_accelerator(mixed_precision: str, accumulation: int, streaming: bool,
                        mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
                        dataloader_config=loading, kwargs_handlers=[DistributedDataParallelKwargs(
                            find_unused_parameters=dynamic_graph)])
+
+
+def process_state(timeout_s: int) -> Any:
+    """This process's place in the run (Accelerate's `PartialState`), set up before anything
+    else starts the process group, so that the group's collectives wait `timeout_s` seconds.
+    cpu=True on machines without CUDA lets a launcher start a MULTI_CPU (gloo) run."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_s))

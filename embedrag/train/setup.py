@@ -45,7 +45,7 @@ from embedrag.train.checkpoints import (
     read_step_state,
     resolve_checkpoint,
 )
-from embedrag.train.launch import make_accelerator
+from embedrag.train.launch import make_accelerator, process_state
 from embedrag.train.logs import RunLogger
 from embedrag.train.optim import linear_schedule, make_optimizer
 from embedrag.train.precision import allow_tf32
@@ -96,6 +96,7 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     from accelerate.utils import DistributedType, set_seed
     from transformers import AutoConfig
 
+    process_state(cfg.ddp_timeout)  # the process group, with the run's timeout
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path,
                                               trust_remote_code=cfg.trust_remote_code)
     recipe = read_recipe(cfg.model_name_or_path)
@@ -205,7 +206,8 @@ def make_loader(cfg: TrainConfig, rows: Any, tokenizer: Any, append_eos: bool,
         return data, loader, [{"path": cfg.train_files()[0], "streamed": True}]
     # One file in a seeded order; several, one file per optimizer step (data/mixture.py).
     block = accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
-    with accelerator.main_process_first():  # one process tokenizes, the others read it
+    # One process a machine hashes and caches; the machine's others read its cache.
+    with accelerator.local_main_process_first():
         data, sampler, datasets = training_data(rows, tokenizer,
                                                 DataSettings.from_config(cfg, texts), block)
     collate.data = data
