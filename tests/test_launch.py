@@ -348,3 +348,28 @@ def test_two_machines_on_one_host_train_into_one_output(tiny_decoder, learnable_
     assert [r["step"] for r in logs(out)] == [1, 2, 3]
     for node in (0, 1):  # each machine prepared the data in its own cache
         assert list((tmp_path / f"cache{node}" / "embedrag").glob("*.arrow"))
+
+
+@pytest.mark.parametrize(("engine", "name"), [("DEEPSPEED", "DeepSpeed"), ("FSDP", "FSDP")])
+def test_sharded_engines_are_refused_at_start(tiny_decoder, learnable_data, tmp_path,
+                                              monkeypatch, capsys, engine, name):
+    """An accelerate config that asks for DeepSpeed or FSDP gets one line and exit code 2
+    before any weight loads, not a crash at the first forward or silently wrong steps."""
+    from accelerate.utils import DistributedType
+
+    from embedrag.train import setup
+    from tests.helpers import run_train
+
+    real = setup.make_accelerator
+
+    def sharded(*args, **kwargs):
+        accelerator = real(*args, **kwargs)
+        accelerator.state.distributed_type = DistributedType[engine]  # as the config asks
+        return accelerator
+
+    monkeypatch.setattr(setup, "make_accelerator", sharded)
+    monkeypatch.setattr(setup, "make_model", lambda *a, **k: pytest.fail("model loaded"))
+    code = run_train(tiny_decoder, learnable_data, tmp_path / "o")[0]
+    err = capsys.readouterr().err
+    assert code == 2 and f"train.py: error: {name} is not supported yet" in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("train.py:")]) == 1

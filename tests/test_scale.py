@@ -133,11 +133,8 @@ def test_shipped_accelerate_configs_load():
     for path in sorted(glob.glob(f"{ROOT}/configs/accelerate/*.yaml")):
         config = load_config_from_file(path)
         kinds[os.path.basename(path)] = (str(config.distributed_type), config.num_processes)
-    assert kinds["deepspeed_zero3.yaml"] == ("DistributedType.DEEPSPEED", 2)
-    assert kinds["fsdp.yaml"] == ("DistributedType.FSDP", 2)
     assert kinds["multi_node.yaml"] == ("DistributedType.MULTI_GPU", 16)
-    assert set(kinds) == {"multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml",
-                          "deepspeed_zero3.yaml", "fsdp.yaml"}
+    assert set(kinds) == {"multi_gpu.yaml", "multi_node.yaml"}  # sharded engines: refused
 
 
 def test_float64_runs_agree_across_cpu_code_paths(tiny_decoder, learnable_data, tmp_path):

@@ -53,6 +53,7 @@ from embedrag.train.precision import resolve as resolve_precision
 from embedrag.train.state import RunState
 
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+SHARDED = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}  # engines refused at start
 
 
 class LaunchError(RuntimeError):
@@ -110,6 +111,13 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
             allow_tf32()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps,
                                    cfg.streaming, dynamic_graph=routes_experts(model_config))
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise LaunchError(
+            f"{SHARDED[accelerator.distributed_type.value]} is not supported yet (its paths stop "
+            "or train wrongly: GradCache stepping DeepSpeed once per chunk, FSDP1 and LoRA's "
+            "mixed dtypes); train with DDP (configs/accelerate/multi_gpu.yaml) and fit big "
+            "models with --finetune_type lora/qlora, --gradient_checkpointing, "
+            "--grad_cache_chunk_size and --optim adamw_8bit")
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
     say(f"precision: {PRECISION_NAMES[cfg.mixed_precision]} ("
