@@ -12,7 +12,7 @@ from embedrag import quiet
 TQDM = re.compile(r"^[\w .-]*:\s+(\d+%\|.*\|\s*\d+/\d+ \[|\d+ \w+ \[\d+:\d+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # What train.py itself prints on stdout, in the order a run prints it.
-OURS = ("note: ", "embedding: ", "embedrag: ", "eval at step ", "epoch ", "done: ",
+OURS = ("note: ", "precision: ", "embedding: ", "embedrag: ", "eval at step ", "epoch ", "done: ",
         "model card: ", "resuming from ")
 TABLE = re.compile(r"^(\s+ndcg@10\s+mrr@10|(before|after)\s+\d\.\d{4}\s)")
 
