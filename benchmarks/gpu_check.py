@@ -12,7 +12,7 @@ data are synthetic rows of random words, queries and passages of many lengths. I
 1. smoke: 3-step train.py runs of lora, qlora (4-bit) and full fine-tuning in bf16 and fp32, and
    with GradCache: exit codes and losses;
 2. agreement: embeddings and LoRA gradients on CUDA against the CPU in fp32 (TF32 off; within
-   1e-4) and under bf16 autocast (within 2e-2);
+   1e-4) and under bf16 autocast (within 2e-2; gradients within 2e-2 of the largest one);
 3. GradCache against plain backpropagation on CUDA with dropout 0.1 (RNG replayed; 1e-4);
 4. syncs: host synchronisations counted by torch.cuda.set_sync_debug_mode in the steps that do
    not log, and in those that do;
@@ -185,10 +185,10 @@ def largest(a, b) -> float:
 
 
 def agreement(args: argparse.Namespace, model: str) -> None:
-    import torch
-
     print("2. agreement with the CPU (tiny model, LoRA)", flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    from transformers.utils import enable_tf32
+
+    enable_tf32(False)  # fp32 as fp32 (through the API `auto` uses to switch it on)
     cpu_out, cpu_grads = outputs_and_grads(embedder(model, "cpu"), batch_of(model, "cpu"))
     gpu = embedder(model, args.device)
     out, grads = outputs_and_grads(gpu, batch_of(model, args.device))
