@@ -373,3 +373,46 @@ def test_sharded_engines_are_refused_at_start(tiny_decoder, learnable_data, tmp_
     err = capsys.readouterr().err
     assert code == 2 and f"train.py: error: {name} is not supported yet" in err
     assert len([ln for ln in err.splitlines() if ln.startswith("train.py:")]) == 1
+
+
+def _accelerate(config, node_env, *extra):
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch",
+                             "--config_file", f"configs/accelerate/{config}", *extra],
+                            cwd=ROOT, env=node_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_shipped_accelerate_configs_run(tiny_decoder, learnable_data, tmp_path):
+    """Every config in configs/accelerate is run as shipped, on this machine's CPU processes
+    (Accelerate falls back to gloo without CUDA). multi_node.yaml's machine count, address
+    and 16 processes are overridden on the command line, as its comment tells users to."""
+    import glob
+    import socket
+
+    assert {os.path.basename(p) for p in glob.glob(f"{ROOT}/configs/accelerate/*.yaml")} == {
+        "multi_gpu.yaml", "multi_node.yaml"}
+    args = ["train.py", *flags(tiny_decoder, learnable_data, tmp_path / "one", 2,
+                               "--max_steps", "2")]
+    args.remove("--mixed_precision")  # as users run it: the config's bf16 decides
+    args.remove("no")
+    single = _accelerate("multi_gpu.yaml", ENV, *args)
+    err = single.communicate(timeout=300)[1]
+    assert single.returncode == 0, err[-2000:]
+    summary = json.loads((tmp_path / "one" / "training_summary_report.json").read_text())
+    assert summary["world_size"] == 2 and summary["config"]["mixed_precision"] == "bf16"
+    assert "accelerate config" in summary["embedding"]["precision_auto"]["reason"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [_accelerate("multi_node.yaml", {**ENV, "HF_DATASETS_CACHE": str(tmp_path / f"c{r}")},
+                         "--machine_rank", str(r), "--num_processes", "2",
+                         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                         "train.py", *flags(tiny_decoder, learnable_data, tmp_path / "two", 2,
+                                            "--max_steps", "2"))
+             for r in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:]
+    summary = json.loads((tmp_path / "two" / "training_summary_report.json").read_text())
+    assert summary["world_size"] == 2 and (tmp_path / "two" / "final").is_dir()

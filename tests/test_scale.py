@@ -124,19 +124,6 @@ def test_grad_cache_in_train_py_gives_the_same_adapter(tiny_decoder, learnable_d
                                                            rel=0, abs=TOLERANCE)
 
 
-def test_shipped_accelerate_configs_load():
-    import glob
-
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    kinds = {}
-    for path in sorted(glob.glob(f"{ROOT}/configs/accelerate/*.yaml")):
-        config = load_config_from_file(path)
-        kinds[os.path.basename(path)] = (str(config.distributed_type), config.num_processes)
-    assert kinds["multi_node.yaml"] == ("DistributedType.MULTI_GPU", 16)
-    assert set(kinds) == {"multi_gpu.yaml", "multi_node.yaml"}  # sharded engines: refused
-
-
 def test_float64_runs_agree_across_cpu_code_paths(tiny_decoder, learnable_data, tmp_path):
     """What makes the equivalence tests portable, tested on one machine: the same float64
     training run on this CPU's vector kernels and on the plain, unvectorised ones (another
