@@ -82,6 +82,16 @@ class EmbeddingModel(nn.Module):
         self.head = head
         self.head_names = list(head_names or [])
         self._packing: bool | None = None  # decided at the first batch (`packs`)
+        # Weights sharded over the processes (FSDP2): every backbone call is a collective, so
+        # a batch takes the same number of calls on every process — one per kind of text.
+        self.sharded = False
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The backbone's transformer-block classes, which FSDP wraps (shards) one by one."""
+        base = (self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model")
+                else self.backbone)
+        return list(getattr(base, "_no_split_modules", None) or [])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 lengths: Sequence[int] | None = None) -> torch.Tensor:
@@ -95,6 +105,8 @@ class EmbeddingModel(nn.Module):
         gradient — is the padded batch's, row for row."""
         if self.packs(attention_mask, lengths):
             return self._embed_packed(input_ids, attention_mask, lengths)
+        if self.sharded:  # one padded call
+            return self._embed(input_ids, attention_mask)
         buckets = length_buckets(attention_mask)
         if len(buckets) == 1 and buckets[0].window == (0, attention_mask.shape[1]):
             return self._embed(input_ids, attention_mask)
@@ -111,6 +123,8 @@ class EmbeddingModel(nn.Module):
         """Token positions `forward` computes for this padded batch (padding included)."""
         if self.packs(mask, lengths):
             return int(sum(lengths) if lengths is not None else mask.sum())
+        if self.sharded:
+            return mask.numel()
         return sum(len(b.rows) * (b.window[1] - b.window[0]) for b in length_buckets(mask))
 
     def packs(self, mask: torch.Tensor, lengths: Sequence[int] | None = None) -> bool:
@@ -180,8 +194,9 @@ class EmbeddingModel(nn.Module):
         if lengths is None:
             lengths = attention_mask.sum(1).tolist()
         lengths = [int(n) for n in lengths]
+        limit = sum(lengths) if self.sharded else packing.PACK_TOKENS
         return torch.cat([self._embed_row(input_ids[a:b], attention_mask[a:b], lengths[a:b])
-                          for a, b in pack_chunks(lengths, packing.PACK_TOKENS)])  # (N, D)
+                          for a, b in pack_chunks(lengths, limit)])       # (N, D)
 
     def _embed_row(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    lengths: list[int]) -> torch.Tensor:

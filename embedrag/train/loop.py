@@ -24,7 +24,7 @@ from embedrag.train.checkpoints import restore_rng, save_model, save_step_checkp
 from embedrag.train.logs import done_lines, eval_summary, peak_memory
 from embedrag.train.optim import rewind
 from embedrag.train.progress import Progress
-from embedrag.train.setup import Job, LaunchError, prepare
+from embedrag.train.setup import Job, LaunchError, prepare, shard_sizes
 from embedrag.train.state import RunState, Sums
 from embedrag.train.step import forward_backward
 
@@ -190,6 +190,8 @@ def finish(job: Job, run: Progress) -> tuple[dict[str, Any], EmbeddingModel]:
     (with PEFT's input casts on, for use outside autocast)."""
     cfg, state, acc = job.cfg, job.state, job.accelerator
     tokens = run.tokens()
+    if job.sharding:  # now with the optimizer state the steps made
+        job.sharding = shard_sizes(job.model, job.optimizer, acc)
     save_model(acc, job.model, job.tokenizer, job.train_config,
                os.path.join(cfg.output_dir, "final"))
     trained = acc.unwrap_model(job.model).backbone
@@ -209,6 +211,7 @@ def finish(job: Job, run: Progress) -> tuple[dict[str, Any], EmbeddingModel]:
         "trainable_params": trainable,
         "total_params": total,
         "peak_memory": peak_memory(acc.device),
+        **({"sharding": job.sharding} if job.sharding else {}),
         "throughput": utilisation(
             trained, trained.config, cfg.finetune_type == "full", tokens,
             state.samples * (1 + cfg.neg_nums) + state.samples, seconds, acc.device,

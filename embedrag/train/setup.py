@@ -53,7 +53,7 @@ from embedrag.train.precision import resolve as resolve_precision
 from embedrag.train.state import RunState
 
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
-SHARDED = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}  # engines refused at start
+SHARDED = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP1"}  # engines refused at start
 
 
 class LaunchError(RuntimeError):
@@ -86,6 +86,7 @@ class Job:
     say: Callable[[str], None]  # prints on the main process only
     resume_from: str | None = None
     rngs: Any = None            # the checkpoint's RNG states, restored before the first step
+    sharding: dict[str, Any] | None = None  # FSDP2: what each process holds
 
     @property
     def world(self) -> int:
@@ -111,13 +112,13 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
             allow_tf32()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps,
                                    cfg.streaming, dynamic_graph=routes_experts(model_config))
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    engine = accelerator.distributed_type
+    if engine == DistributedType.DEEPSPEED or (engine == DistributedType.FSDP
+                                               and not accelerator.is_fsdp2):
         raise LaunchError(
-            f"{SHARDED[accelerator.distributed_type.value]} is not supported yet (its paths stop "
-            "or train wrongly: GradCache stepping DeepSpeed once per chunk, FSDP1 and LoRA's "
-            "mixed dtypes); train with DDP (configs/accelerate/multi_gpu.yaml) and fit big "
-            "models with --finetune_type lora/qlora, --gradient_checkpointing, "
-            "--grad_cache_chunk_size and --optim adamw_8bit")
+            f"{SHARDED[engine.value]} is not supported (its paths stop or train wrongly here: "
+            "GradCache stepping DeepSpeed once per chunk, FSDP1 and LoRA's mixed dtypes); "
+            "the sharded engine is FSDP2 (fsdp_version: 2 in the accelerate config)")
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
     say(f"precision: {PRECISION_NAMES[cfg.mixed_precision]} ("
@@ -152,7 +153,9 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
                                fused=not sharded and cfg.mixed_precision != "fp16",
                                kind=cfg.optim)
     embedder = model
+    model.sharded = sharded  # every process then makes the same backbone calls (collectives)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    sharding = shard_sizes(model, optimizer, accelerator) if sharded else None
     batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's length is unknown
     total_steps = count_steps(cfg, batches_per_epoch)
     warmup_steps = math.ceil(total_steps * cfg.warmup_proportion)
@@ -180,8 +183,12 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
               datasets=datasets, total_steps=total_steps, warmup_steps=warmup_steps,
               batches_per_epoch=batches_per_epoch,
               sharded=sharded, params=params, state=state, logger=logger, say=say,
-              resume_from=resume_from, rngs=rngs)
+              resume_from=resume_from, rngs=rngs, sharding=sharding)
     say(banner(job, append_eos))
+    if sharding:
+        say("sharding: FSDP2, parameters held per process: " + ", ".join(
+            f"{held['parameters']:,}" for held in sharding["per_process"])
+            + f" of {sharding['total_parameters']:,}")
     return job
 
 
@@ -284,3 +291,24 @@ def banner(job: Job, append_eos: bool) -> str:
             f"({job.warmup_steps} warmup) | trainable {trainable:,} of {total:,} params | "
             f"append_eos={append_eos}")
 
+
+
+def shard_sizes(model: Any, optimizer: Any, accelerator: Any) -> dict[str, Any]:
+    """What each process holds under FSDP2, counted from the sharded tensors themselves:
+    parameter values, trainable ones (their gradients are as large), and optimizer-state
+    values (AdamW's two moments, once a step has made them), against the whole model's."""
+    from accelerate.utils import gather_object
+
+    def local(t: Any) -> int:
+        return t.to_local().numel() if hasattr(t, "to_local") else t.numel()
+
+    params = list(model.parameters())
+    inner = getattr(optimizer, "optimizer", optimizer)
+    moments = sum(local(v) for slots in inner.state.values() for v in slots.values()
+                  if hasattr(v, "numel") and v.dim() > 0)
+    mine = [sum(local(p) for p in params), sum(local(p) for p in params if p.requires_grad),
+            moments]
+    return {"engine": "FSDP2", "total_parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+            "per_process": [{"parameters": a, "trainable": b, "optimizer_state": c}
+                            for a, b, c in gather_object([mine])]}

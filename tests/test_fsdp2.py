@@ -1,0 +1,87 @@
+"""FSDP2 (weights, gradients and optimizer state sharded per transformer block), on two CPU
+processes over gloo with Accelerate's FSDP2 `prepare` (tests/fsdp2.py switches its state from
+the test side). Runs compared across process counts are float64 (tests/float64.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from embedrag.model.loading import load_embedder
+from tests.float64 import TOLERANCE
+from tests.helpers import (
+    ENV,
+    FLOAT64,
+    ROOT,
+    TORCHRUN,
+    assert_same_weights,
+    flags,
+    learnable_rows,
+    logs,
+    run,
+    weights,
+    write_jsonl,
+)
+
+FSDP2 = ["tests/float64.py", "tests/fsdp2.py", "train.py"]
+
+
+def _summary(out):
+    return json.loads((out / "training_summary_report.json").read_text())
+
+
+def test_full_fine_tuning_under_fsdp2_equals_one_process_with_the_double_batch(
+        tiny_decoder, tmp_path):
+    """3 steps of 2 processes x batch 2, sharded, against 1 process x batch 4; cross-device
+    negatives make the two batches the same. Each process holds half of every block."""
+    data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
+    common = ["--finetune_type", "full", "--max_steps", "3", "--lr", "1e-3"]
+    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, tmp_path / "two", 2, *common)])
+    run([sys.executable, *FLOAT64, *flags(tiny_decoder, data, tmp_path / "one", 4, *common)])
+    assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"),
+                        TOLERANCE)
+    losses = [[r["loss"] for r in logs(tmp_path / d)] for d in ("one", "two")]
+    assert len(losses[0]) == 3 and max(abs(a - b) for a, b in zip(*losses, strict=True)) < 1e-8
+    sharding = _summary(tmp_path / "two")["sharding"]
+    total, held = sharding["total_parameters"], sharding["per_process"]
+    assert sharding["engine"] == "FSDP2" and len(held) == 2
+    assert sum(h["parameters"] for h in held) == total  # every value on exactly one process
+    assert all(abs(h["parameters"] - total / 2) <= 0.02 * total for h in held)
+    # full fine-tuning: every parameter trains; AdamW keeps two moments of each, sharded alike
+    assert [h["trainable"] for h in held] == [h["parameters"] for h in held]
+    assert [h["optimizer_state"] for h in held] == [2 * h["parameters"] for h in held]
+
+
+def test_grad_cache_under_fsdp2_equals_plain_backpropagation(tiny_decoder, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
+    common = ["--finetune_type", "full", "--max_steps", "3", "--lr", "1e-3"]
+    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, tmp_path / "plain", 2, *common)])
+    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, tmp_path / "gc", 2, *common,
+                                   "--grad_cache_chunk_size", "3")])
+    assert_same_weights(weights(tmp_path / "plain" / "final"), weights(tmp_path / "gc" / "final"),
+                        TOLERANCE)
+
+
+def test_lora_under_fsdp2_trains_and_its_adapter_reloads(tiny_decoder, learnable_data,
+                                                         tmp_path):
+    """LoRA's fp32 adapters beside the frozen base (FSDP1 could not flatten them together);
+    in-training evaluation through the sharded model; final/ gathered into the usual adapter
+    folder, which loads and embeds."""
+    import subprocess
+
+    out = tmp_path / "lora"
+    done = subprocess.run([*TORCHRUN, "tests/fsdp2.py", "train.py",
+                           *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
+                                  "--epochs", "2", "--lr", "5e-3",
+                                  "--eval_dataset", learnable_data)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = _summary(out)
+    assert summary["sharding"]["engine"] == "FSDP2"
+    metrics = summary["eval"]["metrics"]
+    assert metrics["ndcg@10"]["after"] > metrics["ndcg@10"]["before"]
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    model, tokenizer, settings = load_embedder(str(out / "final"))
+    vectors = model.encode(tokenizer, ["apple banana"], max_len=settings.query_max_len,
+                           append_eos=settings.append_eos)
+    assert vectors.shape[0] == 1 and abs(float(vectors.norm()) - 1) < 1e-5
