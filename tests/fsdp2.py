@@ -4,9 +4,10 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2.py train.py [flags]
 
 Accelerate keeps FSDP off for CPU processes (MULTI_CPU); torch's FSDP2 (`fully_shard`) runs on
-them over gloo, and so does Accelerate's FSDP2 `prepare` once its state says FSDP. The plugin
-is what a config with `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` and no class names
-gives: one FSDP unit per transformer block, found from the model's `_no_split_modules`.
+them over gloo, and so does Accelerate's FSDP2 `prepare` once its state says FSDP. Under
+`accelerate launch --config_file configs/accelerate/fsdp2.yaml tests/fsdp2.py train.py ...` the
+plugin is read from the config (its FSDP_* variables); otherwise it is what that config gives:
+one FSDP unit per transformer block, found from the model's `_no_split_modules`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ def install() -> None:
         real(self, *args, **kwargs)
         if self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = FullyShardedDataParallelPlugin(
-                fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
+            if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # a config's settings
+                self.fsdp_plugin = FullyShardedDataParallelPlugin()
+            else:
+                self.fsdp_plugin = FullyShardedDataParallelPlugin(
+                    fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                    reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
 
     AcceleratorState.__init__ = init
 

@@ -386,13 +386,13 @@ def _accelerate(config, node_env, *extra):
 
 def test_shipped_accelerate_configs_run(tiny_decoder, learnable_data, tmp_path):
     """Every config in configs/accelerate is run as shipped, on this machine's CPU processes
-    (Accelerate falls back to gloo without CUDA). multi_node.yaml's machine count, address
-    and 16 processes are overridden on the command line, as its comment tells users to."""
+    (Accelerate falls back to gloo without CUDA). multi_node.yaml's address and 16 processes
+    are overridden on the command line, as its comment tells users to."""
     import glob
     import socket
 
     assert {os.path.basename(p) for p in glob.glob(f"{ROOT}/configs/accelerate/*.yaml")} == {
-        "multi_gpu.yaml", "multi_node.yaml"}
+        "multi_gpu.yaml", "multi_node.yaml", "fsdp2.yaml"}
     args = ["train.py", *flags(tiny_decoder, learnable_data, tmp_path / "one", 2,
                                "--max_steps", "2")]
     args.remove("--mixed_precision")  # as users run it: the config's bf16 decides
@@ -416,3 +416,12 @@ def test_shipped_accelerate_configs_run(tiny_decoder, learnable_data, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:]
     summary = json.loads((tmp_path / "two" / "training_summary_report.json").read_text())
     assert summary["world_size"] == 2 and (tmp_path / "two" / "final").is_dir()
+    # fsdp2.yaml: Accelerate keeps FSDP off on CPUs; tests/fsdp2.py switches its state on
+    # from the test side and takes the plugin from the config's variables
+    sharded = _accelerate("fsdp2.yaml", ENV, "tests/fsdp2.py", "train.py",
+                          *flags(tiny_decoder, learnable_data, tmp_path / "fsdp2", 2,
+                                 "--max_steps", "2", "--finetune_type", "full"))
+    err = sharded.communicate(timeout=300)[1]
+    assert sharded.returncode == 0, err[-2000:]
+    summary = json.loads((tmp_path / "fsdp2" / "training_summary_report.json").read_text())
+    assert summary["sharding"]["engine"] == "FSDP2" and summary["world_size"] == 2
