@@ -126,3 +126,36 @@ def logs(out, name="detailed_training_logs.json"):
 def max_diff(a, b):
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def duplicated_rows():
+    """24 rows, 12 of which share one positive: deduplication leaves the two processes with
+    different numbers of distinct passages (checked below), hence different chunk counts."""
+    rows = learnable_rows(24)
+    for row in rows[:12]:
+        row["pos"] = [rows[0]["pos"][0]]
+    for row in rows:
+        row["neg"] = [n for n in row["neg"] if n != rows[0]["pos"][0]]
+    return rows
+
+
+def distinct_passages_per_rank(model, rows, seed, batch, neg_nums, epoch=1):
+    """Replays the data order and draws: distinct passages of each rank's batch, per step."""
+    from embedrag.data.dataset import EpochShuffle, TrainingSet
+    from embedrag.data.rows import Example
+    from embedrag.model.tokens import load_tokenizer
+
+    tok = load_tokenizer(model)
+    data = TrainingSet([Example(r["query"], r["pos"], r["neg"], i) for i, r in enumerate(rows)],
+                       tok, neg_nums=neg_nums, query_max_len=16, passage_max_len=16,
+                       query_instruction="", append_eos=True, seed=seed)
+    data.set_epoch(epoch)
+    sampler = EpochShuffle(len(rows), seed)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
+    counts = []
+    for step in range(0, len(batches), 2):
+        counts.append([len({p for i in b for p in [data[i]["pos"], *data[i]["negs"]]})
+                       for b in batches[step:step + 2]])
+    return counts

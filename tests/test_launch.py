@@ -20,6 +20,8 @@ from tests.helpers import (
     ROOT,
     TORCHRUN,
     assert_same_weights,
+    distinct_passages_per_rank,
+    duplicated_rows,
     flags,
     learnable_rows,
     logs,
@@ -110,45 +112,11 @@ def test_minilm_full_on_two_processes_equals_one_process_with_the_double_batch(
 
 # --- GradCache on two processes whose batches differ in size -------------------------------
 
-def _duplicated_rows():
-    """24 rows, 12 of which share one positive: deduplication leaves the two processes with
-    different numbers of distinct passages (checked below), hence different chunk counts."""
-    rows = learnable_rows(24)
-    for row in rows[:12]:
-        row["pos"] = [rows[0]["pos"][0]]
-    for row in rows:
-        row["neg"] = [n for n in row["neg"] if n != rows[0]["pos"][0]]
-    return rows
-
-
-def _distinct_passages_per_rank(rows, seed, batch, neg_nums, epoch=1):
-    """Replays the data order and draws: distinct passages of each rank's batch, per step."""
-    from embedrag.data.dataset import EpochShuffle, TrainingSet
-    from embedrag.data.rows import Example
-    from embedrag.model.tokens import load_tokenizer
-
-    tok = load_tokenizer(os.environ["TINY_DECODER"])
-    data = TrainingSet([Example(r["query"], r["pos"], r["neg"], i) for i, r in enumerate(rows)],
-                       tok, neg_nums=neg_nums, query_max_len=16, passage_max_len=16,
-                       query_instruction="", append_eos=True, seed=seed)
-    data.set_epoch(epoch)
-    sampler = EpochShuffle(len(rows), seed)
-    sampler.set_epoch(epoch)
-    order = list(sampler)
-    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
-    counts = []
-    for step in range(0, len(batches), 2):
-        counts.append([len({p for i in b for p in [data[i]["pos"], *data[i]["negs"]]})
-                       for b in batches[step:step + 2]])
-    return counts
-
-
 def test_grad_cache_on_two_processes_with_uneven_chunks_equals_plain_backprop(
         tiny_decoder, tmp_path, monkeypatch):
-    rows = _duplicated_rows()
+    rows = duplicated_rows()
     data = write_jsonl(tmp_path / "dup.jsonl", rows)
-    monkeypatch.setenv("TINY_DECODER", tiny_decoder)
-    counts = _distinct_passages_per_rank(rows, seed=3, batch=4, neg_nums=1)
+    counts = distinct_passages_per_rank(tiny_decoder, rows, seed=3, batch=4, neg_nums=1)
     assert any(a != b for a, b in counts), counts  # what used to hang
     common = ["--finetune_type", "lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout",
               "0", "--lr", "1e-2", "--neg_nums", "1", "--temperature", "0.05", "--epochs", "1"]
@@ -350,12 +318,13 @@ def test_two_machines_on_one_host_train_into_one_output(tiny_decoder, learnable_
         assert list((tmp_path / f"cache{node}" / "embedrag").glob("*.arrow"))
 
 
-@pytest.mark.parametrize(("engine", "name"), [("DEEPSPEED", "DeepSpeed"), ("FSDP", "FSDP")])
-def test_sharded_engines_are_refused_at_start(tiny_decoder, learnable_data, tmp_path,
-                                              monkeypatch, capsys, engine, name):
-    """An accelerate config that asks for DeepSpeed or FSDP gets one line and exit code 2
-    before any weight loads, not a crash at the first forward or silently wrong steps."""
-    from accelerate.utils import DistributedType
+@pytest.mark.parametrize(("engine", "name"), [("DEEPSPEED", "DeepSpeed"), ("FSDP", "FSDP1")])
+def test_deepspeed_and_fsdp1_are_refused_at_start(tiny_decoder, learnable_data, tmp_path,
+                                                  monkeypatch, capsys, engine, name):
+    """An accelerate config that asks for DeepSpeed or FSDP1 gets one line naming FSDP2 and
+    exit code 2 before any weight loads, not a crash at the first forward or silently wrong
+    steps."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     from embedrag.train import setup
     from tests.helpers import run_train
@@ -365,13 +334,15 @@ def test_sharded_engines_are_refused_at_start(tiny_decoder, learnable_data, tmp_
     def sharded(*args, **kwargs):
         accelerator = real(*args, **kwargs)
         accelerator.state.distributed_type = DistributedType[engine]  # as the config asks
+        if engine == "FSDP":
+            accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=1)
         return accelerator
 
     monkeypatch.setattr(setup, "make_accelerator", sharded)
     monkeypatch.setattr(setup, "make_model", lambda *a, **k: pytest.fail("model loaded"))
     code = run_train(tiny_decoder, learnable_data, tmp_path / "o")[0]
     err = capsys.readouterr().err
-    assert code == 2 and f"train.py: error: {name} is not supported yet" in err
+    assert code == 2 and f"train.py: error: {name} is not supported" in err and "FSDP2" in err
     assert len([ln for ln in err.splitlines() if ln.startswith("train.py:")]) == 1
 
 

@@ -237,8 +237,8 @@ class EmbeddingModel(nn.Module):
 
     def save_head(self, folder: str, state: dict[str, torch.Tensor] | None = None) -> None:
         """The Dense modules, each in its sentence-transformers folder under `folder`; with
-        `state` (this model's whole state dict, gathered from sharded weights under DeepSpeed
-        ZeRO-3 or FSDP) the weights come from there rather than from the local parameters."""
+        `state` (this model's whole state dict, gathered from sharded weights under FSDP2)
+        the weights come from there rather than from the local parameters."""
         for i, (name, module) in enumerate(zip(self.head_names, self.head or [], strict=True)):
             prefix = f"head.{i}."
             own = None if state is None else {k[len(prefix):]: v for k, v in state.items()
@@ -256,7 +256,7 @@ def encode_with(model: nn.Module, tokenizer: Any, texts: list[str], *, max_len: 
                 append_eos: bool, batch_size: int = 32, instruction: str = "",
                 progress: str = "", accelerator: Any = None) -> torch.Tensor:
     """Embed texts with `model` — an EmbeddingModel, or one wrapped by Accelerate (DDP, FSDP,
-    DeepSpeed), whose forward maps (input_ids, attention_mask) to embeddings — tokenized,
+    FSDP2), whose forward maps (input_ids, attention_mask) to embeddings — tokenized,
     padded and pooled exactly as in training. (N, D) float32 on the CPU; see `encode_ids`."""
     ids = tokenize(tokenizer, [instruction + t for t in texts], max_len, append_eos)
     return encode_ids(model, tokenizer, lambda rows: [ids[i] for i in rows],
@@ -280,7 +280,7 @@ def encode_ids(model: nn.Module, tokenizer: Any, get_ids: Callable[[list[int]], 
     are gathered, so each process holds all N rows after doing 1/W of the work; the batches are
     the single-process ones, so the rows are the same to the last bit. Every process must call
     it (the gather is collective); the model must not be one whose forward is collective
-    (FSDP, DeepSpeed ZeRO-3), since processes run different numbers of batches.
+    (FSDP2), since processes run different numbers of batches.
     """
     import numpy as np
     from tqdm.auto import tqdm

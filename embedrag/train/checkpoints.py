@@ -29,7 +29,7 @@ def save_model(accelerator: Any, model: Any, tokenizer: Any, training_config: di
                path: str, extra: Callable[[str], None] | None = None) -> None:
     """Write the adapter (lora/qlora) or the full backbone, the tokenizer and
     training_config.json to `path`, plus whatever `extra(tmp_folder)` writes. Call on every
-    process: gathering the weights is collective under DeepSpeed ZeRO-3 and FSDP; only the main
+    process: gathering the weights is collective under FSDP2; only the main
     process writes."""
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:

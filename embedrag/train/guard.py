@@ -9,7 +9,7 @@ step counts untouched. The flag here is sticky: from the first bad step on, ever
 skipped, so the weights stay those of the last good step until the loop next reads the flag —
 at a logging step, a checkpoint, the end of an epoch or of the run — and stops there, naming
 the first bad step. Optimizers that cannot skip on the device (bitsandbytes' 8-bit AdamW,
-DeepSpeed's) are read every step instead.
+the unfused AdamW of FSDP2 and fp16 runs) are read every step instead.
 """
 
 from __future__ import annotations

@@ -160,9 +160,8 @@ def checkpoint(job: Job, run: Progress, path: str, snap: tuple[RunState, Sums] |
 def stop_on_nonfinite(job: Job, run: Progress) -> None:
     """Save the state before the bad step (weights and optimizer were not touched by it, nor,
     when the device skipped steps, by any after it: guard.py) unless a step checkpoint of it
-    exists, then stop with a message naming the step. Sharded
-    runs (DeepSpeed, FSDP) cannot resume from a step checkpoint, and DeepSpeed's engine steps
-    inside backward: they just stop."""
+    exists, then stop with a message naming the step. FSDP2 runs have no step checkpoints
+    yet: they just stop."""
     from accelerate.utils import broadcast_object_list
 
     at = run.good[0]
@@ -171,9 +170,8 @@ def stop_on_nonfinite(job: Job, run: Progress) -> None:
         rewind(job.scheduler, at.step)
     where = f"the loss is not finite at step {at.step + 1} (epoch {at.epoch})"
     if job.sharded:
-        raise NonFiniteLossError(f"{where}; stopped without a step checkpoint (DeepSpeed and "
-                                 "FSDP runs restart from their own checkpoints): lower --lr, "
-                                 "check the data or the precision")
+        raise NonFiniteLossError(f"{where}; stopped without a step checkpoint (FSDP2 runs "
+                                 "have none yet): lower --lr, check the data or the precision")
     path = os.path.join(job.cfg.output_dir, f"checkpoint-step-{at.step}")
     # The main process decides for all: on several machines the folders may differ.
     main = job.accelerator.is_main_process

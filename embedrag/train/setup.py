@@ -66,7 +66,7 @@ class Job:
 
     cfg: TrainConfig            # the flags, with what the recipe, model and probe decided
     accelerator: Any
-    model: Any                  # as Accelerate prepared it (DDP, FSDP, DeepSpeed or itself)
+    model: Any                  # as Accelerate prepared it (DDP, FSDP2 or itself)
     embedder: EmbeddingModel    # the module itself, inside whatever Accelerate wraps it in
     optimizer: Any
     scheduler: Any
@@ -79,7 +79,7 @@ class Job:
     total_steps: int
     warmup_steps: int
     batches_per_epoch: int | None  # None for a stream
-    sharded: bool               # DeepSpeed or FSDP: weights and optimizer state are sharded
+    sharded: bool               # FSDP2: weights, gradients and optimizer state are sharded
     params: tuple[int, int]     # (trainable, total)
     state: RunState
     logger: RunLogger
@@ -141,14 +141,14 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     model, info = make_model(cfg, recipe, model_config, tokenizer, accelerator, say, sources)
     info.update(datasets=datasets, precision_auto=precision)
     params = count_parameters(model)
-    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # FSDP2, as checked above
     if (cfg.save_steps or cfg.resume_from_checkpoint) and sharded:
-        raise LaunchError("--save_steps and --resume_from_checkpoint support one process and "
-                          "DDP (accelerate launch --multi_gpu); DeepSpeed and FSDP shard the "
-                          "optimizer state, so use their own checkpointing there")
+        raise LaunchError("--save_steps and --resume_from_checkpoint are not supported under "
+                          "FSDP2 yet (its optimizer state is sharded); they work on one process "
+                          "and under DDP")
     # fp16's GradScaler lets a fused step skip itself, and Accelerate would then not see the
-    # skip (and would step the schedule): fused only without fp16. Sharded optimizer state is
-    # not whole on any process, nor are fused kernels known to work there.
+    # skip (and would step the schedule): fused only without fp16, nor on FSDP2's sharded
+    # parameters (DTensors), where fused kernels are not known to work.
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay,
                                fused=not sharded and cfg.mixed_precision != "fp16",
                                kind=cfg.optim)
