@@ -95,3 +95,24 @@ def test_lora_under_fsdp2_trains_and_its_adapter_reloads(tiny_decoder, learnable
     vectors = model.encode(tokenizer, ["apple banana"], max_len=settings.query_max_len,
                            append_eos=settings.append_eos)
     assert vectors.shape[0] == 1 and abs(float(vectors.norm()) - 1) < 1e-5
+
+
+def test_a_resume_from_sharded_step_checkpoints_equals_the_uninterrupted_run(
+        tiny_decoder, tmp_path):
+    """Full fine-tuning under FSDP2, 2 epochs of 4 steps, a step checkpoint every 3 steps
+    (each process writes its own shards of weights and AdamW's moments); a fresh run resumed
+    from the one in epoch 2 ends with the same weights and logs the same losses."""
+    data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
+    common = ["--finetune_type", "full", "--epochs", "2", "--lr", "1e-3", "--save_steps", "3"]
+    whole = tmp_path / "whole"
+    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, whole, 2, *common)])
+    checkpoint = whole / "checkpoint-step-6"
+    assert (checkpoint / "sharded").is_dir() and (checkpoint / "model.safetensors").is_file()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())["state"]
+    assert (state["epoch"], state["micro"]) == (2, 2)
+    resumed = tmp_path / "resumed"
+    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, resumed, 2, *common,
+                                   "--resume_from_checkpoint", str(checkpoint))])
+    assert_same_weights(weights(whole / "final"), weights(resumed / "final"), 0)
+    assert [r["step"] for r in logs(resumed)] == [7, 8]  # a new folder: the steps it ran
+    assert [r["loss"] for r in logs(resumed)] == [r["loss"] for r in logs(whole)[6:]]

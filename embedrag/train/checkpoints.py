@@ -23,6 +23,7 @@ from embedrag.config import TrainConfig
 from embedrag.io import atomic_dir, commit_dir, write_json
 from embedrag.model.recipe import Dense
 from embedrag.publish.card import write_card
+from embedrag.train import shards
 
 
 def save_model(accelerator: Any, model: Any, tokenizer: Any, training_config: dict[str, Any],
@@ -80,17 +81,25 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_step_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler: Any,
                          tokenizer: Any, training_config: dict[str, Any], path: str,
-                         state: dict[str, Any], keep: int = 0) -> None:
+                         state: dict[str, Any], keep: int = 0, sharded: bool = False) -> None:
     """checkpoint-step-N/: the model as in final/, plus optimizer, scheduler, every process's
     RNG states and the data position, all committed at once. Call on every process. Keeps the
-    newest `keep` step checkpoints (0: all)."""
+    newest `keep` step checkpoints (0: all). `sharded` (FSDP2): weights and optimizer state
+    also go in as every process's own shards (`shards.py`), which a resume reads."""
     from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()])  # one per process: their dropout streams differ
+    staged = path.rstrip("/") + ".shards.tmp"
+    if sharded:
+        shards.save(model, optimizer, staged, accelerator.is_main_process,
+                    accelerator.wait_for_everyone)
 
     def extra(tmp: str) -> None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rngs}, os.path.join(tmp, TENSORS_FILE))
+        torch.save({"optimizer": None if sharded else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rngs},
+                   os.path.join(tmp, TENSORS_FILE))
+        if sharded:
+            os.replace(staged, os.path.join(tmp, shards.SHARDS))
         write_json(os.path.join(tmp, STATE_FILE), state)
 
     save_model(accelerator, model, tokenizer, training_config, path, extra)
@@ -133,9 +142,15 @@ def read_step_state(path: str) -> dict[str, Any]:
 def load_step_checkpoint(path: str, model: Any, optimizer: Any,
                          scheduler: Any) -> dict[str, Any]:
     """Load weights, optimizer and scheduler into the (unwrapped) model and the prepared
-    optimizer; return the RNG states of every process, to restore when the loop resumes."""
+    optimizer; return the RNG states of every process, to restore when the loop resumes. A
+    checkpoint with FSDP2 shards is read from them (every process its own)."""
     from safetensors.torch import load_file
 
+    blob = torch.load(os.path.join(path, TENSORS_FILE), map_location="cpu", weights_only=True)
+    scheduler.load_state_dict(blob["scheduler"])
+    if shards.present(path):
+        shards.load(model, optimizer, os.path.join(path, shards.SHARDS))
+        return blob["rng"]
     backbone = model.backbone
     adapter = os.path.join(path, "adapter_model.safetensors")
     if os.path.isfile(adapter):
@@ -156,9 +171,7 @@ def load_step_checkpoint(path: str, model: Any, optimizer: Any,
 
     for name, module in zip(model.head_names, model.head or [], strict=True):
         module.load_state_dict(Dense.load(path, name).state_dict())
-    blob = torch.load(os.path.join(path, TENSORS_FILE), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
     return blob["rng"]
 
 

@@ -154,14 +154,13 @@ def checkpoint(job: Job, run: Progress, path: str, snap: tuple[RunState, Sums] |
     save_step_checkpoint(acc, job.model, job.optimizer, job.scheduler, job.tokenizer,
                          job.train_config, path, {"state": dataclasses.asdict(position),
                                                   "train_args": job.cfg.to_dict()},
-                         keep=job.cfg.save_total_limit)
+                         keep=job.cfg.save_total_limit, sharded=job.sharded)
 
 
 def stop_on_nonfinite(job: Job, run: Progress) -> None:
     """Save the state before the bad step (weights and optimizer were not touched by it, nor,
     when the device skipped steps, by any after it: guard.py) unless a step checkpoint of it
-    exists, then stop with a message naming the step. FSDP2 runs have no step checkpoints
-    yet: they just stop."""
+    exists, then stop with a message naming the step."""
     from accelerate.utils import broadcast_object_list
 
     at = run.good[0]
@@ -169,9 +168,6 @@ def stop_on_nonfinite(job: Job, run: Progress) -> None:
     if run.guard.deferred:  # steps after the bad one were skipped; the schedule was not
         rewind(job.scheduler, at.step)
     where = f"the loss is not finite at step {at.step + 1} (epoch {at.epoch})"
-    if job.sharded:
-        raise NonFiniteLossError(f"{where}; stopped without a step checkpoint (FSDP2 runs "
-                                 "have none yet): lower --lr, check the data or the precision")
     path = os.path.join(job.cfg.output_dir, f"checkpoint-step-{at.step}")
     # The main process decides for all: on several machines the folders may differ.
     main = job.accelerator.is_main_process

@@ -142,10 +142,6 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     info.update(datasets=datasets, precision_auto=precision)
     params = count_parameters(model)
     sharded = accelerator.distributed_type == DistributedType.FSDP  # FSDP2, as checked above
-    if (cfg.save_steps or cfg.resume_from_checkpoint) and sharded:
-        raise LaunchError("--save_steps and --resume_from_checkpoint are not supported under "
-                          "FSDP2 yet (its optimizer state is sharded); they work on one process "
-                          "and under DDP")
     # fp16's GradScaler lets a fused step skip itself, and Accelerate would then not see the
     # skip (and would step the schedule): fused only without fp16, nor on FSDP2's sharded
     # parameters (DTensors), where fused kernels are not known to work.
