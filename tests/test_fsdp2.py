@@ -116,3 +116,34 @@ def test_a_resume_from_sharded_step_checkpoints_equals_the_uninterrupted_run(
     assert_same_weights(weights(whole / "final"), weights(resumed / "final"), 0)
     assert [r["step"] for r in logs(resumed)] == [7, 8]  # a new folder: the steps it ran
     assert [r["loss"] for r in logs(resumed)] == [r["loss"] for r in logs(whole)[6:]]
+
+
+def test_a_sigkill_mid_epoch_two_then_resume_latest_equals_the_uninterrupted_run(
+        tiny_decoder, tmp_path):
+    """Both processes killed (SIGKILL, the whole launcher group) once epoch 2 has a step
+    checkpoint; `--resume_from_checkpoint latest` in the same folder finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
+    common = ["--finetune_type", "full", "--epochs", "2", "--lr", "1e-3", "--save_steps", "1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, whole, 2, *common)])
+    proc = subprocess.Popen(
+        [*TORCHRUN, "tests/float64.py", "tests/fsdp2.py", "tests/faults.py",
+         *flags(tiny_decoder, data, cut, 2, *common)], cwd=ROOT, start_new_session=True,
+        env={**ENV, "EMBEDRAG_FAULTS": json.dumps({"sleep_per_step": 0.5})},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (cut / "checkpoint-step-5" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "ended before the kill"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "final").exists()
+    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, cut, 2, *common,
+                                   "--resume_from_checkpoint", "latest")])
+    assert_same_weights(weights(whole / "final"), weights(cut / "final"), TOLERANCE)
+    assert [r["loss"] for r in logs(cut)] == [r["loss"] for r in logs(whole)]
