@@ -97,7 +97,7 @@ def test_lora_under_fsdp2_trains_and_its_adapter_reloads(tiny_decoder, learnable
                                                          tmp_path):
     """LoRA's fp32 adapters beside the frozen base (FSDP1 could not flatten them together);
     in-training evaluation through the sharded model; final/ gathered into the usual adapter
-    folder, which loads and embeds."""
+    folder, which loads, embeds, and merges."""
     import subprocess
 
     out = tmp_path / "lora"
@@ -116,6 +116,12 @@ def test_lora_under_fsdp2_trains_and_its_adapter_reloads(tiny_decoder, learnable
     vectors = model.encode(tokenizer, ["apple banana"], max_len=settings.query_max_len,
                            append_eos=settings.append_eos)
     assert vectors.shape[0] == 1 and abs(float(vectors.norm()) - 1) < 1e-5
+    # merge.py folds it into its base and verifies the merged model embeds as the adapter does
+    merged = tmp_path / "merged"
+    done = run([sys.executable, "merge.py", "--base_model_path", tiny_decoder,
+                "--lora_adapter_path", str(out / "final"), "--output_path", str(merged),
+                "--eval_dataset", learnable_data])
+    assert (merged / "model.safetensors").is_file(), done.stdout[-2000:]
 
 
 def test_a_resume_from_sharded_step_checkpoints_equals_the_uninterrupted_run(
