@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from embedrag.model.loading import load_embedder
 from tests.float64 import TOLERANCE
 from tests.helpers import (
@@ -93,22 +95,28 @@ def test_uneven_batches_under_fsdp2_grad_cache_equals_plain_backpropagation(tiny
                         TOLERANCE)
 
 
-def test_lora_under_fsdp2_trains_and_its_adapter_reloads(tiny_decoder, learnable_data,
-                                                         tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_lora_and_qlora_under_fsdp2_train_and_their_adapters_reload_and_merge(
+        tiny_decoder, learnable_data, tmp_path, kind):
     """LoRA's fp32 adapters beside the frozen base (FSDP1 could not flatten them together);
+    QLoRA's 4-bit codes stored as floats, so they are sharded too (every value on one process);
     in-training evaluation through the sharded model; final/ gathered into the usual adapter
     folder, which loads, embeds, and merges."""
     import subprocess
 
-    out = tmp_path / "lora"
+    out = tmp_path / kind
     done = subprocess.run([*TORCHRUN, "tests/fsdp2.py", "train.py",
-                           *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "lora",
+                           *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", kind,
                                   "--epochs", "2", "--lr", "5e-3",
                                   "--eval_dataset", learnable_data)],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _summary(out)
-    assert summary["sharding"]["engine"] == "FSDP2"
+    sharding = summary["sharding"]
+    assert sharding["engine"] == "FSDP2"
+    held = [h["parameters"] for h in sharding["per_process"]]
+    assert sum(held) == sharding["total_parameters"]  # every value on one process only
+    assert all(h < sharding["total_parameters"] for h in held)
     metrics = summary["eval"]["metrics"]
     assert metrics["ndcg@10"]["after"] > metrics["ndcg@10"]["before"]
     assert (out / "final" / "adapter_model.safetensors").is_file()

@@ -162,14 +162,17 @@ def autocast(model: nn.Module, mixed_precision: str) -> torch.autocast:
                           enabled=mixed_precision in ("bf16", "fp16"))
 
 
-def quantization_config(bits: int, compute_dtype: torch.dtype) -> Any:
-    """QLoRA's bitsandbytes settings: 4-bit NF4 with double quantization, or LLM.int8."""
+def quantization_config(bits: int, compute_dtype: torch.dtype, sharded: bool = False) -> Any:
+    """QLoRA's bitsandbytes settings: 4-bit NF4 with double quantization, or LLM.int8. Sharded
+    (FSDP2): the packed 4-bit codes are stored in the compute dtype instead of uint8, which
+    FSDP2 can shard (the same bytes, read as another type; it computes the same)."""
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
+        storage = {"bnb_4bit_quant_storage": compute_dtype} if sharded else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **storage)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -221,7 +224,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def load_base(path: str, *, dtype: torch.dtype, config: Any, device: torch.device | str,
               bits: int | None = None, compute_dtype: torch.dtype | None = None,
-              trust_remote_code: bool = False) -> nn.Module:
+              trust_remote_code: bool = False, sharded: bool = False) -> nn.Module:
     """A base model as training loads it, for training, evaluation and merging alike: in
     `dtype`, with `config` (the training's attention; see `model_config`), quantized to `bits`
     as QLoRA does (computing in `compute_dtype`), its quantized layers on their training
@@ -231,7 +234,8 @@ def load_base(path: str, *, dtype: torch.dtype, config: Any, device: torch.devic
     kwargs: dict[str, Any] = {"dtype": dtype, "config": config,
                               "trust_remote_code": trust_remote_code}
     if bits:
-        kwargs["quantization_config"] = quantization_config(bits, compute_dtype or dtype)
+        kwargs["quantization_config"] = quantization_config(bits, compute_dtype or dtype,
+                                                            sharded)
         kwargs["device_map"] = {"": quantized_device(torch.device(device))}
     with shipped_code_errors(path, trust_remote_code):
         model = AutoModel.from_pretrained(path, **kwargs)
@@ -266,6 +270,7 @@ class ModelSettings:
     mixed_precision: str = "no"         # resolved: no, fp16 or bf16
     cpu_kernels: str = "auto"
     trust_remote_code: bool = False
+    sharded: bool = False               # FSDP2 will shard the weights
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> ModelSettings:
@@ -289,7 +294,8 @@ def load_backbone(cfg: ModelSettings, device: torch.device) -> tuple[nn.Module, 
                           trust_remote_code=cfg.trust_remote_code)
     model = load_base(cfg.path, dtype=base_dtype, config=config, device=device,
                       bits=cfg.quantization_bits if cfg.finetune_type == "qlora" else None,
-                      compute_dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code)
+                      compute_dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code,
+                      sharded=cfg.sharded)
     info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", ""),
                             **varlen.install(model, device)}  # packed rows on a GPU
     swap = kernels.install if cfg.cpu_kernels == "auto" else (lambda *_: {})

@@ -238,7 +238,11 @@ def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
                ) -> tuple[EmbeddingModel, dict[str, Any]]:
     """The embedding model on the training device, with what training_config.json says of it.
     Parameters the embedding never reaches are frozen (DDP would wait for their gradients)."""
-    backbone, info = load_backbone(ModelSettings.from_config(cfg), accelerator.device)
+    from accelerate.utils import DistributedType
+
+    settings = dataclasses.replace(ModelSettings.from_config(cfg),
+                                   sharded=accelerator.distributed_type == DistributedType.FSDP)
+    backbone, info = load_backbone(settings, accelerator.device)
     lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # autocast casts them
     head = load_head(cfg.model_name_or_path, recipe.dense)  # the model's Dense layers, if any
     if head is not None:
@@ -298,6 +302,8 @@ def shard_sizes(model: Any, optimizer: Any, accelerator: Any) -> dict[str, Any]:
     def local(t: Any) -> int:
         return t.to_local().numel() if hasattr(t, "to_local") else t.numel()
 
+    if hasattr(model, "reshard"):  # FSDP2 leaves the root's parameters gathered after forward
+        model.reshard()
     params = list(model.parameters())
     inner = getattr(optimizer, "optimizer", optimizer)
     moments = sum(local(v) for slots in inner.state.values() for v in slots.values()
