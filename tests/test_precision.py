@@ -168,7 +168,7 @@ def test_a_gpu_decision_turns_tf32_on_and_says_so(tiny_decoder, learnable_data, 
     from embedrag.train import setup
 
     switched = []
-    monkeypatch.setattr(setup, "resolve_precision", lambda cfg, config: {
+    monkeypatch.setattr(setup, "resolve_precision", lambda cfg, config, state: {
         "choice": "bf16", "tf32": True, "reason": "NVIDIA H200 runs bf16 natively"})
     monkeypatch.setattr(setup, "allow_tf32", lambda: switched.append(True))
     code, summary, _ = run_train(tiny_decoder, learnable_data, tmp_path / "out",

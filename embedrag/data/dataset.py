@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedrag.data.passages import PassageTable, hash_texts
+from embedrag.data.passages import PassageTable, hash_texts, query_texts
 from embedrag.data.rows import (
     DataError,
     row_features,
@@ -79,9 +79,8 @@ class TrainingSet(torch.utils.data.Dataset):
     def query_token_lists(self, rows: list[int]) -> list[list[int]]:
         """Token ids of these rows' queries, each with its row's prompt or the common
         instruction before it (`tokenize`: truncated, EOS kept)."""
-        common = self.instructions[0]
-        texts = [(common if prompt is None else prompt) + query for query, prompt in (
-            (self._queries[r].as_py(), self._prompts[r].as_py()) for r in rows)]
+        texts = query_texts([self._queries[r].as_py() for r in rows],
+                            [self._prompts[r].as_py() for r in rows], self.instructions[0])
         return tokenize(self.tokenizer, texts, self.lengths[0], self.append_eos)
 
     def passage_token_lists(self, numbers: list[int]) -> list[list[int]]:

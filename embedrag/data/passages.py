@@ -108,11 +108,17 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, knobs: tuple) -> dic
     return {"ids": ids, "n": [len(i) for i in ids]}
 
 
+def query_texts(queries: list[str], prompts: list[str | None] | None,
+                instruction: str) -> list[str]:
+    """Each query after its row's own prompt, or after the common instruction where the row
+    has none (`prompts` None: no row has one)."""
+    prompts = prompts or [None] * len(queries)
+    return [(instruction if p is None else p) + q for q, p in zip(queries, prompts, strict=True)]
+
+
 def _encode_batch(batch: dict[str, list], tokenizer: Any, settings: tuple) -> dict[str, list]:
     q_len, p_len, q_inst, p_inst, eos = settings
-    prompts = batch.get("prompt") or [None] * len(batch["query"])  # a row's own instruction
-    queries = [(q_inst if p is None else p) + q for p, q in zip(prompts, batch["query"],
-                                                                  strict=True)]
+    queries = query_texts(batch["query"], batch.get("prompt"), q_inst)
     out = {"query_ids": tokenize(tokenizer, queries, q_len, eos)}
     for kind in ("pos", "neg"):
         texts = [t for row in batch[kind] for t in row]

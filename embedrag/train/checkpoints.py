@@ -89,7 +89,7 @@ def save_step_checkpoint(accelerator: Any, model: Any, optimizer: Any, scheduler
     from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()])  # one per process: their dropout streams differ
-    staged = path.rstrip("/") + ".shards.tmp"
+    staged = path.rstrip("/") + ".shards.tmp"  # moved into the checkpoint as it commits
     if sharded:
         shards.save(model, optimizer, staged, accelerator.is_main_process,
                     accelerator.wait_for_everyone)

@@ -178,17 +178,16 @@ def from_launcher() -> str | None:
     return value if value in ("bf16", "fp16") else None
 
 
-def resolve(cfg: Any, model_config: Any) -> dict[str, Any]:
+def resolve(cfg: Any, model_config: Any, state: Any) -> dict[str, Any]:
     """What `auto` means for this run: {"choice": "no"|"fp16"|"bf16", "reason": ..., ...},
     decided once, by the main process, and the same answer given to every process (they
-    must agree: each builds its Accelerator from it)."""
-    from accelerate import PartialState
+    must agree: each builds its Accelerator from it). `state`: this process's place in the
+    run (`launch.process_state`)."""
     from accelerate.utils import broadcast_object_list
 
     launcher = from_launcher()
     if launcher:
         return {"choice": launcher, "reason": "the accelerate config's mixed_precision"}
-    state = PartialState(cpu=not torch.cuda.is_available())
     decided = [choose(cfg, model_config, state.device) if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(decided)

@@ -98,7 +98,7 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     from accelerate.utils import DistributedType, set_seed
     from transformers import AutoConfig
 
-    process_state(cfg.ddp_timeout)  # the process group, with the run's timeout
+    process = process_state(cfg.ddp_timeout)  # the process group, with the run's timeout
     model_config = AutoConfig.from_pretrained(cfg.model_name_or_path,
                                               trust_remote_code=cfg.trust_remote_code)
     recipe = read_recipe(cfg.model_name_or_path)
@@ -106,7 +106,7 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
     cfg = dataclasses.replace(cfg, **decided)  # the caller's flags stay as given
     precision = None  # auto: see embedrag/train/precision.py
     if cfg.mixed_precision == "auto":
-        precision = resolve_precision(cfg, model_config)
+        precision = resolve_precision(cfg, model_config, process)
         cfg = dataclasses.replace(cfg, mixed_precision=precision["choice"])
         if precision.get("tf32"):
             allow_tf32()
@@ -119,6 +119,7 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
             f"{SHARDED[engine.value]} is not supported (its paths stop or train wrongly here: "
             "GradCache stepping DeepSpeed once per chunk, FSDP1 and LoRA's mixed dtypes); "
             "the sharded engine is FSDP2 (fsdp_version: 2 in the accelerate config)")
+    sharded = engine == DistributedType.FSDP  # FSDP2: weights, gradients, optimizer state
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
     say(f"precision: {PRECISION_NAMES[cfg.mixed_precision]} ("
@@ -138,10 +139,10 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
         check_resumable(cfg, saved["train_args"], accelerator.num_processes,
                         saved["state"].get("world_size", accelerator.num_processes))
 
-    model, info = make_model(cfg, recipe, model_config, tokenizer, accelerator, say, sources)
+    model, info = make_model(cfg, recipe, model_config, tokenizer, accelerator, say, sources,
+                             sharded)
     info.update(datasets=datasets, precision_auto=precision)
     params = count_parameters(model)
-    sharded = accelerator.distributed_type == DistributedType.FSDP  # FSDP2, as checked above
     # fp16's GradScaler lets a fused step skip itself, and Accelerate would then not see the
     # skip (and would step the schedule): fused only without fp16, nor on FSDP2's sharded
     # parameters (DTensors), where fused kernels are not known to work.
@@ -201,8 +202,9 @@ def clamp_lengths(cfg: TrainConfig, tokenizer: Any, sources: dict[str, str],
 
 def make_loader(cfg: TrainConfig, rows: Any, tokenizer: Any, append_eos: bool,
                 accelerator: Any, say: Callable[[str], None]) -> tuple[Any, Any, list[dict]]:
-    """(dataset, loader, what each file is). A table is tokenized once, and an epoch re-draws
-    the order and the negatives; a stream is tokenized as its rows come."""
+    """(dataset, loader, what each file is). A table's passages are numbered once (by a hash
+    of their text), an epoch re-draws the order and the negatives, and each batch is tokenized
+    when it is collated; a stream is tokenized as its rows come."""
     texts = TextSettings(neg_nums=cfg.neg_nums, query_max_len=cfg.query_max_len,
                          passage_max_len=cfg.passage_max_len,
                          query_instruction=cfg.query_instruction,
@@ -235,13 +237,10 @@ def make_loader(cfg: TrainConfig, rows: Any, tokenizer: Any, append_eos: bool,
 
 def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
                accelerator: Any, say: Callable[[str], None], sources: dict[str, str],
-               ) -> tuple[EmbeddingModel, dict[str, Any]]:
+               sharded: bool = False) -> tuple[EmbeddingModel, dict[str, Any]]:
     """The embedding model on the training device, with what training_config.json says of it.
     Parameters the embedding never reaches are frozen (DDP would wait for their gradients)."""
-    from accelerate.utils import DistributedType
-
-    settings = dataclasses.replace(ModelSettings.from_config(cfg),
-                                   sharded=accelerator.distributed_type == DistributedType.FSDP)
+    settings = dataclasses.replace(ModelSettings.from_config(cfg), sharded=sharded)
     backbone, info = load_backbone(settings, accelerator.device)
     lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # autocast casts them
     head = load_head(cfg.model_name_or_path, recipe.dense)  # the model's Dense layers, if any
