@@ -33,6 +33,8 @@ def install() -> None:
                 self.fsdp_plugin = FullyShardedDataParallelPlugin(
                     fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                     reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
+            if self._mixed_precision != "no":  # as the state does for a launched FSDP run
+                self.fsdp_plugin.set_mixed_precision(self._mixed_precision)
 
     AcceleratorState.__init__ = init
 

@@ -34,13 +34,22 @@ def _summary(out):
     return json.loads((out / "training_summary_report.json").read_text())
 
 
+# fsdp_cpu_ram_efficient_loading, as `accelerate launch` passes it: the main process alone
+# reads the weights; the others build the network on the meta device (embedrag/model/meta.py).
+MAIN_LOADS = {**ENV, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+
+
+@pytest.mark.parametrize("loading", ["every process", "main process"])
 def test_full_fine_tuning_under_fsdp2_equals_one_process_with_the_double_batch(
-        tiny_decoder, tmp_path):
+        tiny_decoder, tmp_path, loading):
     """3 steps of 2 processes x batch 2, sharded, against 1 process x batch 4; cross-device
-    negatives make the two batches the same. Each process holds half of every block."""
+    negatives make the two batches the same. Each process holds half of every block. With
+    the main process alone reading the weights, the other gets its shards, dtypes (float64
+    here, which its meta-built network was not) and rotary buffers from it."""
     data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
     common = ["--finetune_type", "full", "--max_steps", "3", "--lr", "1e-3"]
-    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, tmp_path / "two", 2, *common)])
+    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, tmp_path / "two", 2, *common)],
+        env=MAIN_LOADS if loading == "main process" else ENV)
     run([sys.executable, *FLOAT64, *flags(tiny_decoder, data, tmp_path / "one", 4, *common)])
     assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"),
                         TOLERANCE)
@@ -54,18 +63,22 @@ def test_full_fine_tuning_under_fsdp2_equals_one_process_with_the_double_batch(
     # full fine-tuning: every parameter trains; AdamW keeps two moments of each, sharded alike
     assert [h["trainable"] for h in held] == [h["parameters"] for h in held]
     assert [h["optimizer_state"] for h in held] == [2 * h["parameters"] for h in held]
+    read = [h["loaded_before_sharding"] for h in held]
+    assert read == ([total, 0] if loading == "main process" else [total, total])
 
 
 def test_minilm_under_fsdp2_equals_one_process_with_the_double_batch(
         minilm_without_dropout, manpages, tmp_path):
-    """The real all-MiniLM-L6-v2 (BERT blocks; its unused pooler frozen), 3 steps, with
-    in-training evaluation through the sharded model on both sides."""
+    """The real all-MiniLM-L6-v2 (BERT blocks), 3 steps, with in-training evaluation through
+    the sharded model on both sides. The main process alone reads the weights: the other
+    learns from it which parameters the embedding never reaches (the pooler, frozen) and
+    gets BERT's position and token-type buffers."""
     train, held_out = manpages
     common = ["--finetune_type", "full", "--pooling", "mean", "--lr", "5e-5", "--epochs", "1",
               "--neg_nums", "1", "--temperature", "0.05", "--query_max_len", "32",
               "--passage_max_len", "48", "--eval_dataset", held_out, "--eval_batch_size", "8"]
     run([*TORCHRUN, *FSDP2, *flags(minilm_without_dropout, train, tmp_path / "two", 4,
-                                   *common)])
+                                   *common)], env=MAIN_LOADS)
     run([sys.executable, *FLOAT64, *flags(minilm_without_dropout, train, tmp_path / "one", 8,
                                           *common)])
     assert [r["step"] for r in logs(tmp_path / "two")] == [1, 2, 3]
@@ -74,7 +87,12 @@ def test_minilm_under_fsdp2_equals_one_process_with_the_double_batch(
     evals = [_summary(tmp_path / d)["eval"]["metrics"]["ndcg@10"] for d in ("one", "two")]
     assert abs(evals[0]["before"] - evals[1]["before"]) < 1e-9
     assert abs(evals[0]["after"] - evals[1]["after"]) < 1e-6
-    assert _summary(tmp_path / "two")["sharding"]["engine"] == "FSDP2"
+    sharding = _summary(tmp_path / "two")["sharding"]
+    assert sharding["engine"] == "FSDP2"
+    assert [h["loaded_before_sharding"] for h in sharding["per_process"]][1] == 0
+    frozen = [_summary(tmp_path / d)["embedding"]["frozen_unused_parameters"]
+              for d in ("one", "two")]
+    assert frozen[0] == frozen[1] and any("pooler" in name for name in frozen[1])
 
 
 def test_uneven_batches_under_fsdp2_grad_cache_equals_plain_backpropagation(tiny_decoder,
@@ -95,28 +113,52 @@ def test_uneven_batches_under_fsdp2_grad_cache_equals_plain_backpropagation(tiny
                         TOLERANCE)
 
 
+def test_lora_in_bf16_reading_the_weights_on_the_main_process_alone_trains_the_same(
+        tiny_decoder, tmp_path):
+    """LoRA under FSDP2 with bf16 as the run's precision (Accelerate's policy computes and
+    reduces in bf16; the fp32 adapters and the bf16 base are sharded together), dropout on:
+    the run whose second process read no weights ends with the same adapter, to the bit, as
+    the run where both read them, and logs the same losses."""
+    data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
+    common = ["--finetune_type", "lora", "--max_steps", "4", "--lr", "1e-3",
+              "--mixed_precision", "bf16"]
+    for name, env in (("every", ENV), ("main", MAIN_LOADS)):
+        run([*TORCHRUN, "tests/fsdp2.py", "train.py",
+             *flags(tiny_decoder, data, tmp_path / name, 2, *common)], env=env)
+    assert_same_weights(weights(tmp_path / "every" / "final"),
+                        weights(tmp_path / "main" / "final"), 0)
+    assert [r["loss"] for r in logs(tmp_path / "every")] == [
+        r["loss"] for r in logs(tmp_path / "main")]
+    sharding = [_summary(tmp_path / name)["sharding"] for name in ("every", "main")]
+    total = sharding[1]["total_parameters"]
+    assert [h["loaded_before_sharding"] for h in sharding[1]["per_process"]] == [total, 0]
+    assert [h["loaded_before_sharding"] for h in sharding[0]["per_process"]] == [total, total]
+    assert sharding[1]["mixed_precision"] == {"param_dtype": "bfloat16",
+                                              "reduce_dtype": "bfloat16"}
+
+
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 def test_lora_and_qlora_under_fsdp2_train_and_their_adapters_reload_and_merge(
         tiny_decoder, learnable_data, tmp_path, kind):
     """LoRA's fp32 adapters beside the frozen base (FSDP1 could not flatten them together);
     QLoRA's 4-bit codes stored as floats, so they are sharded too (every value on one process);
     in-training evaluation through the sharded model; final/ gathered into the usual adapter
-    folder, which loads, embeds, and merges."""
-    import subprocess
-
+    folder, which loads, embeds, and merges. QLoRA asked to read on the main process alone
+    says that every process reads its 4-bit base (Accelerate broadcasts no quantized weights)."""
     out = tmp_path / kind
-    done = subprocess.run([*TORCHRUN, "tests/fsdp2.py", "train.py",
-                           *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", kind,
-                                  "--epochs", "2", "--lr", "5e-3",
-                                  "--eval_dataset", learnable_data)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run([*TORCHRUN, "tests/fsdp2.py", "train.py",
+                *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", kind,
+                       "--epochs", "2", "--lr", "5e-3", "--eval_dataset", learnable_data)],
+               env=MAIN_LOADS if kind == "qlora" else ENV)
     summary = _summary(out)
     sharding = summary["sharding"]
     assert sharding["engine"] == "FSDP2"
     held = [h["parameters"] for h in sharding["per_process"]]
     assert sum(held) == sharding["total_parameters"]  # every value on one process only
     assert all(h < sharding["total_parameters"] for h in held)
+    read = [h["loaded_before_sharding"] for h in sharding["per_process"]]
+    assert read == [sharding["total_parameters"]] * 2
+    assert ("QLoRA reads its 4-bit base on every process" in done.stdout) == (kind == "qlora")
     metrics = summary["eval"]["metrics"]
     assert metrics["ndcg@10"]["after"] > metrics["ndcg@10"]["before"]
     assert (out / "final" / "adapter_model.safetensors").is_file()

@@ -364,10 +364,15 @@ def test_shipped_accelerate_configs_run(tiny_decoder, learnable_data, tmp_path):
     assert summary["world_size"] == 2 and (tmp_path / "two" / "final").is_dir()
     # fsdp2.yaml: Accelerate keeps FSDP off on CPUs; tests/fsdp2.py switches its state on
     # from the test side and takes the plugin from the config's variables
-    sharded = _accelerate("fsdp2.yaml", ENV, "tests/fsdp2.py", "train.py",
-                          *flags(tiny_decoder, learnable_data, tmp_path / "fsdp2", 2,
-                                 "--max_steps", "2", "--finetune_type", "full"))
+    args = ["train.py", *flags(tiny_decoder, learnable_data, tmp_path / "fsdp2", 2,
+                               "--max_steps", "2", "--finetune_type", "full")]
+    args.remove("--mixed_precision")  # the config's bf16: FSDP2's policy computes in bf16
+    args.remove("no")
+    sharded = _accelerate("fsdp2.yaml", ENV, "tests/fsdp2.py", *args)
     err = sharded.communicate(timeout=300)[1]
     assert sharded.returncode == 0, err[-2000:]
     summary = json.loads((tmp_path / "fsdp2" / "training_summary_report.json").read_text())
     assert summary["sharding"]["engine"] == "FSDP2" and summary["world_size"] == 2
+    assert summary["sharding"]["mixed_precision"]["param_dtype"] == "bfloat16"
+    total = summary["sharding"]["total_parameters"]  # the config has the main process read
+    assert [h["loaded_before_sharding"] for h in summary["sharding"]["per_process"]] == [total, 0]

@@ -22,6 +22,7 @@ sequences with attention dropout. Timings are in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -304,6 +305,11 @@ def _agrees(module: nn.Module) -> bool:
     if not (isinstance(weight, torch.Tensor) and weight.dim() == 1 and isinstance(eps, float)):
         return False
     generator = torch.Generator().manual_seed(0)
+    if weight.is_meta:  # a process that reads no weights (model/meta.py): a copy with values
+        module = copy.deepcopy(module).to_empty(device="cpu")
+        weight = module.weight
+        with torch.no_grad():
+            weight.copy_(torch.randn(weight.shape, generator=generator))
     scale = torch.tensor([[1.0], [1.0], [eps ** 0.5], [eps ** 0.5]])                # (4, 1)
     probe = torch.randn(4, weight.shape[0], generator=generator) * scale          # (4, D)
     upstream = torch.randn(4, weight.shape[0], generator=generator)

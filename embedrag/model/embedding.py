@@ -81,7 +81,7 @@ class EmbeddingModel(nn.Module):
         self.pooling = pooling
         self.head = head
         self.head_names = list(head_names or [])
-        self._packing: bool | None = None  # decided at the first batch (`packs`)
+        self.packing: bool | None = None  # decided at the first batch (`packs`)
         # Weights sharded over the processes (FSDP2): every backbone call is a collective, so
         # a batch takes the same number of calls on every process — one per kind of text.
         self.sharded = False
@@ -140,16 +140,22 @@ class EmbeddingModel(nn.Module):
         attention = getattr(config, "_attn_implementation", None)
         if attention not in (ATTENTION, VARLEN) or mask.numel() == 0:
             return False
-        if self._packing is None:
-            self._packing = self._packing_agrees()
-            if not self._packing and attention == VARLEN:
-                stop_using(self.backbone)  # padded calls need transformers' masks
-        if not self._packing:
+        if self.packing is None:
+            self.adopt_packing(self._packing_agrees())
+        if not self.packing:
             return False
         # The GPU attention builds no masks: a batch with an empty text is packed too (the
         # text embeds as zeros); the CPU one takes such a batch in length buckets.
         return attention == VARLEN or (min(lengths) > 0 if lengths is not None
                                        else bool(mask.any(1).all()))
+
+    def adopt_packing(self, verdict: bool | None) -> None:
+        """Take `packs`' verdict (also one another process's copy of this model reached: under
+        FSDP2 a process that read no weights cannot probe before sharding, nor alone after)."""
+        self.packing = verdict
+        config = getattr(self.backbone, "config", None)
+        if verdict is False and getattr(config, "_attn_implementation", None) == VARLEN:
+            stop_using(self.backbone)  # padded calls need transformers' masks
 
     def _packing_agrees(self) -> bool:
         """Two texts of 7 and 3 random tokens, embedded packed and one at a time in eval mode
@@ -312,15 +318,16 @@ def encode_ids(model: nn.Module, tokenizer: Any, get_ids: Callable[[list[int]], 
     return out
 
 
-def freeze_unreached(model: nn.Module, tokenizer: Any) -> list[str]:
-    """Freeze the trainable parameters that the embedding does not depend on; return their names.
+def unreached_parameters(model: nn.Module, tokenizer: Any) -> list[str]:
+    """The trainable parameters that the embedding does not depend on, by name.
 
     `AutoModel` builds parts an embedding never uses — BERT's pooler, a vision tower, LoRA put
     on such modules by name. They get no gradient, and data-parallel training (DDP) waits for
     gradients of every trainable parameter: it stops at step 2 with "Expected to have finished
-    reduction in the prior iteration". They are found by walking the autograd graph of one
-    forward pass of a short text — what DDP's find_unused_parameters does on every step — with
-    no backward pass and no gradient memory. Dropout's random draws are undone."""
+    reduction in the prior iteration"; they are frozen before it starts. They are found by
+    walking the autograd graph of one forward pass of a short text — what DDP's
+    find_unused_parameters does on every step — with no backward pass and no gradient memory.
+    Dropout's random draws are undone."""
     ids = torch.tensor([tokenizer("a b", add_special_tokens=True)["input_ids"]])
     device = next(model.parameters()).device
     was_training = model.training
@@ -338,11 +345,14 @@ def freeze_unreached(model: nn.Module, tokenizer: Any) -> list[str]:
         if hasattr(fn, "variable"):  # AccumulateGrad: the node that writes a parameter's .grad
             reached.add(id(fn.variable))
         stack.extend(f for f, _ in fn.next_functions)
-    unused = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+
+
+def freeze(model: nn.Module, names: list[str]) -> None:
+    """Stop training the parameters named."""
     for name, p in model.named_parameters():
-        if name in unused:
+        if name in names:
             p.requires_grad_(False)
-    return unused
 
 
 def _is_linear(module: nn.Module) -> bool:

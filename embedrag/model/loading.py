@@ -24,6 +24,7 @@ from embedrag.cpu import kernels
 from embedrag.io import read_json
 from embedrag.model import varlen
 from embedrag.model.embedding import EmbeddingModel, EmbedSettings, find_lora_targets
+from embedrag.model.meta import empty_base
 from embedrag.model.recipe import decide, load_head, model_file, read_recipe
 from embedrag.model.tokens import load_tokenizer, resolve_append_eos
 
@@ -224,12 +225,17 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def load_base(path: str, *, dtype: torch.dtype, config: Any, device: torch.device | str,
               bits: int | None = None, compute_dtype: torch.dtype | None = None,
-              trust_remote_code: bool = False, sharded: bool = False) -> nn.Module:
+              trust_remote_code: bool = False, sharded: bool = False,
+              read_weights: bool = True) -> nn.Module:
     """A base model as training loads it, for training, evaluation and merging alike: in
     `dtype`, with `config` (the training's attention; see `model_config`), quantized to `bits`
     as QLoRA does (computing in `compute_dtype`), its quantized layers on their training
-    kernels; on `device`, before anything runs a forward through it."""
+    kernels; on `device`, before anything runs a forward through it. Without `read_weights`,
+    the network on the meta device, for FSDP2 to fill from the main process (model/meta.py)."""
     from transformers import AutoModel
+
+    if not read_weights:
+        return empty_base(config, dtype, device, trust_remote_code)
 
     kwargs: dict[str, Any] = {"dtype": dtype, "config": config,
                               "trust_remote_code": trust_remote_code}
@@ -271,6 +277,7 @@ class ModelSettings:
     cpu_kernels: str = "auto"
     trust_remote_code: bool = False
     sharded: bool = False               # FSDP2 will shard the weights
+    read_weights: bool = True           # False: on meta, filled from the main process
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> ModelSettings:
@@ -295,7 +302,7 @@ def load_backbone(cfg: ModelSettings, device: torch.device) -> tuple[nn.Module, 
     model = load_base(cfg.path, dtype=base_dtype, config=config, device=device,
                       bits=cfg.quantization_bits if cfg.finetune_type == "qlora" else None,
                       compute_dtype=compute_dtype, trust_remote_code=cfg.trust_remote_code,
-                      sharded=cfg.sharded)
+                      sharded=cfg.sharded, read_weights=cfg.read_weights)
     info: dict[str, Any] = {"base_dtype": str(base_dtype).replace("torch.", ""),
                             **varlen.install(model, device)}  # packed rows on a GPU
     swap = kernels.install if cfg.cpu_kernels == "auto" else (lambda *_: {})

@@ -148,7 +148,8 @@ def make_accelerator(mixed_precision: str, accumulation: int, streaming: bool,
                      dynamic_graph: bool) -> Any:
     """The Accelerator of this run. cpu=True on machines without CUDA lets a launcher start a
     MULTI_CPU (gloo) run. DDP looks for unused parameters every step only where they change
-    from step to step (mixture of experts); fixed ones are frozen before (`freeze_unreached`)."""
+    from step to step (mixture of experts); fixed ones are frozen before it starts
+    (`unreached_parameters`)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs

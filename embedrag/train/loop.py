@@ -185,7 +185,8 @@ def finish(job: Job, run: Progress) -> tuple[dict[str, Any], EmbeddingModel]:
     cfg, state, acc = job.cfg, job.state, job.accelerator
     tokens = run.tokens()
     if job.sharding:  # now with the optimizer state the steps made
-        job.sharding = shard_sizes(job.model, job.optimizer, acc)
+        loaded = job.sharding["per_process"][acc.process_index]["loaded_before_sharding"]
+        job.sharding = shard_sizes(job.model, job.optimizer, acc, loaded)
     save_model(acc, job.model, job.tokenizer, job.train_config,
                os.path.join(cfg.output_dir, "final"))
     trained = acc.unwrap_model(job.model).backbone

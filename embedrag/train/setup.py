@@ -23,7 +23,8 @@ from embedrag.model.embedding import (
     EmbeddingModel,
     count_parameters,
     embedding_width,
-    freeze_unreached,
+    freeze,
+    unreached_parameters,
 )
 from embedrag.model.loading import (
     ModelSettings,
@@ -35,6 +36,7 @@ from embedrag.model.loading import (
     routes_experts,
     shipped_code_errors,
 )
+from embedrag.model.meta import agree_with_main, loaded_values, share_buffers
 from embedrag.model.recipe import DEFAULTS, decide, load_head, read_recipe
 from embedrag.model.tokens import load_tokenizer, resolve_append_eos
 from embedrag.train.checkpoints import (
@@ -121,6 +123,13 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
             "the sharded engine is FSDP2 (fsdp_version: 2 in the accelerate config)")
     sharded = engine == DistributedType.FSDP  # FSDP2: weights, gradients, optimizer state
     say = tqdm.write if accelerator.is_main_process else (lambda *_: None)
+    # fsdp_cpu_ram_efficient_loading: the main process alone reads the weights (model/meta.py);
+    # Accelerate broadcasts no quantized ones, so QLoRA's 4-bit base is read everywhere.
+    main_loads = sharded and bool(accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
+    if main_loads and cfg.finetune_type == "qlora":
+        say("note: QLoRA reads its 4-bit base on every process "
+            "(fsdp_cpu_ram_efficient_loading covers lora and full)")
+        main_loads = False
     set_seed(cfg.seed)
     say(f"precision: {PRECISION_NAMES[cfg.mixed_precision]} ("
         + (f"auto: {precision['reason']})" if precision else "--mixed_precision)"))
@@ -140,7 +149,7 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
                         saved["state"].get("world_size", accelerator.num_processes))
 
     model, info = make_model(cfg, recipe, model_config, tokenizer, accelerator, say, sources,
-                             sharded)
+                             sharded, main_loads)
     info.update(datasets=datasets, precision_auto=precision)
     params = count_parameters(model)
     # fp16's GradScaler lets a fused step skip itself, and Accelerate would then not see the
@@ -151,8 +160,11 @@ def prepare(cfg: TrainConfig, rows: Any) -> Job:
                                kind=cfg.optim)
     embedder = model
     model.sharded = sharded  # every process then makes the same backbone calls (collectives)
+    loaded = loaded_values(model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    sharding = shard_sizes(model, optimizer, accelerator) if sharded else None
+    if main_loads:  # the weights came with the shards; the buffers come now
+        share_buffers(model)
+    sharding = shard_sizes(model, optimizer, accelerator, loaded) if sharded else None
     batches_per_epoch = None if cfg.streaming else len(loader)  # a stream's length is unknown
     total_steps = count_steps(cfg, batches_per_epoch)
     warmup_steps = math.ceil(total_steps * cfg.warmup_proportion)
@@ -237,22 +249,36 @@ def make_loader(cfg: TrainConfig, rows: Any, tokenizer: Any, append_eos: bool,
 
 def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
                accelerator: Any, say: Callable[[str], None], sources: dict[str, str],
-               sharded: bool = False) -> tuple[EmbeddingModel, dict[str, Any]]:
+               sharded: bool = False, main_loads: bool = False,
+               ) -> tuple[EmbeddingModel, dict[str, Any]]:
     """The embedding model on the training device, with what training_config.json says of it.
-    Parameters the embedding never reaches are frozen (DDP would wait for their gradients)."""
-    settings = dataclasses.replace(ModelSettings.from_config(cfg), sharded=sharded)
-    backbone, info = load_backbone(settings, accelerator.device)
+    Parameters the embedding never reaches are frozen (DDP would wait for their gradients).
+    `main_loads`: only the main process reads weights, the others build the network on the
+    meta device and take the main process's dtypes and frozen parameters."""
+    from accelerate.utils import broadcast_object_list
+
+    main = accelerator.is_main_process
+    settings = dataclasses.replace(ModelSettings.from_config(cfg), sharded=sharded,
+                                   read_weights=main or not main_loads)
+    device = accelerator.device
+    backbone, info = load_backbone(settings, device)
     lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # autocast casts them
     head = load_head(cfg.model_name_or_path, recipe.dense)  # the model's Dense layers, if any
     if head is not None:
         head.to(accelerator.device).requires_grad_(cfg.finetune_type == "full")
     model = EmbeddingModel(backbone, cfg.pooling, head, recipe.dense)
+    if main_loads:
+        agree_with_main(model, main)
     unused = []
     # Not for mixtures of experts: two tokens reach only the experts they are routed to.
-    if not routes_experts(model_config):
+    if not routes_experts(model_config) and (main or not main_loads):
         with shipped_code_errors(cfg.model_name_or_path, cfg.trust_remote_code), \
                 autocast(model, cfg.mixed_precision):
-            unused = freeze_unreached(model, tokenizer)  # also the model's first forward
+            unused = unreached_parameters(model, tokenizer)  # also the model's first forward
+    if main_loads:  # traced where the weights are; the trace's forward also decided packing
+        unused, packing = broadcast_object_list([(unused, model.packing)], from_process=0)[0]
+        model.adopt_packing(packing)
+    freeze(model, unused)
     if unused:
         say(f"note: {len(unused)} parameter tensor(s) the embedding does not use are frozen "
             f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})")
@@ -292,10 +318,11 @@ def banner(job: Job, append_eos: bool) -> str:
 
 
 
-def shard_sizes(model: Any, optimizer: Any, accelerator: Any) -> dict[str, Any]:
+def shard_sizes(model: Any, optimizer: Any, accelerator: Any, loaded: int) -> dict[str, Any]:
     """What each process holds under FSDP2, counted from the sharded tensors themselves:
     parameter values, trainable ones (their gradients are as large), and optimizer-state
-    values (AdamW's two moments, once a step has made them), against the whole model's."""
+    values (AdamW's two moments, once a step has made them), against the whole model's; and
+    the parameter values it had `loaded` into memory before sharding."""
     from accelerate.utils import gather_object
 
     def local(t: Any) -> int:
@@ -308,8 +335,14 @@ def shard_sizes(model: Any, optimizer: Any, accelerator: Any) -> dict[str, Any]:
     moments = sum(local(v) for slots in inner.state.values() for v in slots.values()
                   if hasattr(v, "numel") and v.dim() > 0)
     mine = [sum(local(p) for p in params), sum(local(p) for p in params if p.requires_grad),
-            moments]
-    return {"engine": "FSDP2", "total_parameters": sum(p.numel() for p in params),
+            moments, loaded]
+    policy = accelerator.state.fsdp_plugin.mixed_precision_policy  # from the run's precision
+    return {"engine": "FSDP2",
+            "mixed_precision": {"param_dtype": str(policy.param_dtype).replace("torch.", ""),
+                                "reduce_dtype": str(policy.reduce_dtype).replace("torch.", "")}
+            if policy is not None else None,
+            "total_parameters": sum(p.numel() for p in params),
             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
-            "per_process": [{"parameters": a, "trainable": b, "optimizer_state": c}
-                            for a, b, c in gather_object([mine])]}
+            "per_process": [{"parameters": a, "trainable": b, "optimizer_state": c,
+                             "loaded_before_sharding": d}
+                            for a, b, c, d in gather_object([mine])]}
