@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
-
 from embedrag.model.loading import load_embedder
 from tests.float64 import TOLERANCE
 from tests.helpers import (
@@ -39,17 +37,16 @@ def _summary(out):
 MAIN_LOADS = {**ENV, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
 
 
-@pytest.mark.parametrize("loading", ["every process", "main process"])
 def test_full_fine_tuning_under_fsdp2_equals_one_process_with_the_double_batch(
-        tiny_decoder, tmp_path, loading):
+        tiny_decoder, tmp_path):
     """3 steps of 2 processes x batch 2, sharded, against 1 process x batch 4; cross-device
-    negatives make the two batches the same. Each process holds half of every block. With
-    the main process alone reading the weights, the other gets its shards, dtypes (float64
-    here, which its meta-built network was not) and rotary buffers from it."""
+    negatives make the two batches the same. Each process holds half of every block. The
+    main process alone reads the weights: the other gets its shards, dtypes (float64 here,
+    which its meta-built network was not) and rotary buffers from it."""
     data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
     common = ["--finetune_type", "full", "--max_steps", "3", "--lr", "1e-3"]
     run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, tmp_path / "two", 2, *common)],
-        env=MAIN_LOADS if loading == "main process" else ENV)
+        env=MAIN_LOADS)
     run([sys.executable, *FLOAT64, *flags(tiny_decoder, data, tmp_path / "one", 4, *common)])
     assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"),
                         TOLERANCE)
@@ -63,8 +60,7 @@ def test_full_fine_tuning_under_fsdp2_equals_one_process_with_the_double_batch(
     # full fine-tuning: every parameter trains; AdamW keeps two moments of each, sharded alike
     assert [h["trainable"] for h in held] == [h["parameters"] for h in held]
     assert [h["optimizer_state"] for h in held] == [2 * h["parameters"] for h in held]
-    read = [h["loaded_before_sharding"] for h in held]
-    assert read == ([total, 0] if loading == "main process" else [total, total])
+    assert [h["loaded_before_sharding"] for h in held] == [total, 0]
 
 
 def test_minilm_under_fsdp2_equals_one_process_with_the_double_batch(
@@ -113,92 +109,83 @@ def test_uneven_batches_under_fsdp2_grad_cache_equals_plain_backpropagation(tiny
                         TOLERANCE)
 
 
-def test_lora_in_bf16_reading_the_weights_on_the_main_process_alone_trains_the_same(
-        tiny_decoder, tmp_path):
+def _reloads_embeds_and_merges(final, base, data, merged) -> None:
+    """final/ is the usual adapter folder: it loads, embeds, and merge.py folds it into its
+    base (verifying that the merged model embeds as the adapter does)."""
+    assert (final / "adapter_model.safetensors").is_file()
+    model, tokenizer, settings = load_embedder(str(final))
+    vectors = model.encode(tokenizer, ["apple banana"], max_len=settings.query_max_len,
+                           append_eos=settings.append_eos)
+    assert vectors.shape[0] == 1 and abs(float(vectors.norm()) - 1) < 1e-5
+    done = run([sys.executable, "merge.py", "--base_model_path", base,
+                "--lora_adapter_path", str(final), "--output_path", str(merged),
+                "--eval_dataset", data])
+    assert (merged / "model.safetensors").is_file(), done.stdout[-2000:]
+
+
+def _held(sharding, key):
+    return [h[key] for h in sharding["per_process"]]
+
+
+def test_lora_in_bf16_under_fsdp2_trains_reloads_merges_and_loads_on_one_process_alike(
+        tiny_decoder, learnable_data, tmp_path):
     """LoRA under FSDP2 with bf16 as the run's precision (Accelerate's policy computes and
-    reduces in bf16; the fp32 adapters and the bf16 base are sharded together), dropout on:
-    the run whose second process read no weights ends with the same adapter, to the bit, as
-    the run where both read them, and logs the same losses."""
-    data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
-    common = ["--finetune_type", "lora", "--max_steps", "4", "--lr", "1e-3",
-              "--mixed_precision", "bf16"]
+    reduces in bf16; the fp32 adapters and the bf16 base are sharded together, which FSDP1
+    could not flatten), dropout on, in-training evaluation through the sharded model. The run
+    whose second process read no weights ends with the same adapter, to the bit, as the run
+    where both read them, and logs the same losses; its final/ reloads and merges."""
+    common = ["--finetune_type", "lora", "--epochs", "2", "--lr", "5e-3",
+              "--mixed_precision", "bf16", "--eval_dataset", learnable_data]
     for name, env in (("every", ENV), ("main", MAIN_LOADS)):
         run([*TORCHRUN, "tests/fsdp2.py", "train.py",
-             *flags(tiny_decoder, data, tmp_path / name, 2, *common)], env=env)
+             *flags(tiny_decoder, learnable_data, tmp_path / name, 2, *common)], env=env)
     assert_same_weights(weights(tmp_path / "every" / "final"),
                         weights(tmp_path / "main" / "final"), 0)
     assert [r["loss"] for r in logs(tmp_path / "every")] == [
         r["loss"] for r in logs(tmp_path / "main")]
-    sharding = [_summary(tmp_path / name)["sharding"] for name in ("every", "main")]
-    total = sharding[1]["total_parameters"]
-    assert [h["loaded_before_sharding"] for h in sharding[1]["per_process"]] == [total, 0]
-    assert [h["loaded_before_sharding"] for h in sharding[0]["per_process"]] == [total, total]
-    assert sharding[1]["mixed_precision"] == {"param_dtype": "bfloat16",
-                                              "reduce_dtype": "bfloat16"}
-
-
-@pytest.mark.parametrize("kind", ["lora", "qlora"])
-def test_lora_and_qlora_under_fsdp2_train_and_their_adapters_reload_and_merge(
-        tiny_decoder, learnable_data, tmp_path, kind):
-    """LoRA's fp32 adapters beside the frozen base (FSDP1 could not flatten them together);
-    QLoRA's 4-bit codes stored as floats, so they are sharded too (every value on one process);
-    in-training evaluation through the sharded model; final/ gathered into the usual adapter
-    folder, which loads, embeds, and merges. QLoRA asked to read on the main process alone
-    says that every process reads its 4-bit base (Accelerate broadcasts no quantized weights)."""
-    out = tmp_path / kind
-    done = run([*TORCHRUN, "tests/fsdp2.py", "train.py",
-                *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", kind,
-                       "--epochs", "2", "--lr", "5e-3", "--eval_dataset", learnable_data)],
-               env=MAIN_LOADS if kind == "qlora" else ENV)
-    summary = _summary(out)
-    sharding = summary["sharding"]
-    assert sharding["engine"] == "FSDP2"
-    held = [h["parameters"] for h in sharding["per_process"]]
-    assert sum(held) == sharding["total_parameters"]  # every value on one process only
-    assert all(h < sharding["total_parameters"] for h in held)
-    read = [h["loaded_before_sharding"] for h in sharding["per_process"]]
-    assert read == [sharding["total_parameters"]] * 2
-    assert ("QLoRA reads its 4-bit base on every process" in done.stdout) == (kind == "qlora")
+    summary = _summary(tmp_path / "main")
+    sharding, total = summary["sharding"], summary["sharding"]["total_parameters"]
+    assert sum(_held(sharding, "parameters")) == total  # every value on one process only
+    assert _held(sharding, "loaded_before_sharding") == [total, 0]
+    assert _held(_summary(tmp_path / "every")["sharding"], "loaded_before_sharding") == [
+        total, total]
+    assert sharding["mixed_precision"] == {"param_dtype": "bfloat16",
+                                           "reduce_dtype": "bfloat16"}
     metrics = summary["eval"]["metrics"]
     assert metrics["ndcg@10"]["after"] > metrics["ndcg@10"]["before"]
-    assert (out / "final" / "adapter_model.safetensors").is_file()
-    model, tokenizer, settings = load_embedder(str(out / "final"))
-    vectors = model.encode(tokenizer, ["apple banana"], max_len=settings.query_max_len,
-                           append_eos=settings.append_eos)
-    assert vectors.shape[0] == 1 and abs(float(vectors.norm()) - 1) < 1e-5
-    # merge.py folds it into its base and verifies the merged model embeds as the adapter does
-    merged = tmp_path / "merged"
-    done = run([sys.executable, "merge.py", "--base_model_path", tiny_decoder,
-                "--lora_adapter_path", str(out / "final"), "--output_path", str(merged),
-                "--eval_dataset", learnable_data])
-    assert (merged / "model.safetensors").is_file(), done.stdout[-2000:]
+    _reloads_embeds_and_merges(tmp_path / "main" / "final", tiny_decoder, learnable_data,
+                               tmp_path / "merged")
 
 
-def test_a_resume_from_sharded_step_checkpoints_equals_the_uninterrupted_run(
-        tiny_decoder, tmp_path):
-    """Full fine-tuning under FSDP2, 2 epochs of 4 steps, a step checkpoint every 3 steps
-    (each process writes its own shards of weights and AdamW's moments); a fresh run resumed
-    from the one in epoch 2 ends with the same weights and logs the same losses."""
-    data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
-    common = ["--finetune_type", "full", "--epochs", "2", "--lr", "1e-3", "--save_steps", "3"]
-    whole = tmp_path / "whole"
-    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, whole, 2, *common)])
-    checkpoint = whole / "checkpoint-step-6"
-    assert (checkpoint / "sharded").is_dir() and (checkpoint / "model.safetensors").is_file()
-    state = json.loads((checkpoint / "trainer_state.json").read_text())["state"]
-    assert (state["epoch"], state["micro"]) == (2, 2)
-    resumed = tmp_path / "resumed"
-    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, resumed, 2, *common,
-                                   "--resume_from_checkpoint", str(checkpoint))])
-    assert_same_weights(weights(whole / "final"), weights(resumed / "final"), 0)
-    assert [r["step"] for r in logs(resumed)] == [7, 8]  # a new folder: the steps it ran
-    assert [r["loss"] for r in logs(resumed)] == [r["loss"] for r in logs(whole)[6:]]
+def test_qlora_under_fsdp2_trains_and_its_adapter_reloads_and_merges(
+        tiny_decoder, learnable_data, tmp_path):
+    """QLoRA's 4-bit codes stored as floats under FSDP2, so they are sharded too (every value
+    on one process). Asked to read on the main process alone, it says that every process reads
+    its 4-bit base (Accelerate broadcasts no quantized weights)."""
+    out = tmp_path / "qlora"
+    done = run([*TORCHRUN, "tests/fsdp2.py", "train.py",
+                *flags(tiny_decoder, learnable_data, out, 2, "--finetune_type", "qlora",
+                       "--epochs", "2", "--lr", "5e-3", "--eval_dataset", learnable_data)],
+               env=MAIN_LOADS)
+    assert "QLoRA reads its 4-bit base on every process" in done.stdout
+    summary = _summary(out)
+    sharding, total = summary["sharding"], summary["sharding"]["total_parameters"]
+    assert sharding["engine"] == "FSDP2"
+    assert sum(_held(sharding, "parameters")) == total
+    assert all(h < total for h in _held(sharding, "parameters"))
+    assert _held(sharding, "loaded_before_sharding") == [total, total]
+    metrics = summary["eval"]["metrics"]
+    assert metrics["ndcg@10"]["after"] > metrics["ndcg@10"]["before"]
+    _reloads_embeds_and_merges(out / "final", tiny_decoder, learnable_data, tmp_path / "merged")
 
 
-def test_a_sigkill_mid_epoch_two_then_resume_latest_equals_the_uninterrupted_run(
-        tiny_decoder, tmp_path):
-    """Both processes killed (SIGKILL, the whole launcher group) once epoch 2 has a step
-    checkpoint; `--resume_from_checkpoint latest` in the same folder finishes the run."""
+def test_resumes_from_sharded_step_checkpoints_equal_the_uninterrupted_run(tiny_decoder,
+                                                                          tmp_path):
+    """Full fine-tuning under FSDP2, 2 epochs of 4 steps, a step checkpoint every step (each
+    process writes its own shards of weights and AdamW's moments). A fresh run resumed from
+    the checkpoint of step 6 (in epoch 2) ends with the same weights and logs the same
+    losses; so does a run whose processes were both killed (SIGKILL, the whole launcher
+    group) once epoch 2 had a checkpoint, continued with `--resume_from_checkpoint latest`."""
     import os
     import signal
     import subprocess
@@ -206,8 +193,18 @@ def test_a_sigkill_mid_epoch_two_then_resume_latest_equals_the_uninterrupted_run
 
     data = write_jsonl(tmp_path / "d.jsonl", learnable_rows(16))
     common = ["--finetune_type", "full", "--epochs", "2", "--lr", "1e-3", "--save_steps", "1"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole, resumed, cut = tmp_path / "whole", tmp_path / "resumed", tmp_path / "cut"
     run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, whole, 2, *common)])
+    checkpoint = whole / "checkpoint-step-6"
+    assert (checkpoint / "sharded").is_dir() and (checkpoint / "model.safetensors").is_file()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())["state"]
+    assert (state["epoch"], state["micro"]) == (2, 2)
+    run([*TORCHRUN, *FSDP2, *flags(tiny_decoder, data, resumed, 2, *common,
+                                   "--resume_from_checkpoint", str(checkpoint))])
+    assert_same_weights(weights(whole / "final"), weights(resumed / "final"), 0)
+    assert [r["step"] for r in logs(resumed)] == [7, 8]  # a new folder: the steps it ran
+    assert [r["loss"] for r in logs(resumed)] == [r["loss"] for r in logs(whole)[6:]]
+
     proc = subprocess.Popen(
         [*TORCHRUN, "tests/float64.py", "tests/fsdp2.py", "tests/faults.py",
          *flags(tiny_decoder, data, cut, 2, *common)], cwd=ROOT, start_new_session=True,

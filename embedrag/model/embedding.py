@@ -350,6 +350,7 @@ def unreached_parameters(model: nn.Module, tokenizer: Any) -> list[str]:
 
 def freeze(model: nn.Module, names: list[str]) -> None:
     """Stop training the parameters named."""
+    names = set(names)
     for name, p in model.named_parameters():
         if name in names:
             p.requires_grad_(False)

@@ -11,6 +11,7 @@ length limits in every script (evaluate.py, mine_negatives.py, merge.py, the not
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -337,6 +338,8 @@ def lora_input_casts(model: nn.Module, enabled: bool) -> None:
     share of a bf16 LoRA step on a CPU. Training and its evaluation always run under
     autocast, so casts are off there; a model handed out afterwards gets them back, since a
     bf16 base needs them outside autocast."""
+    if "peft" not in sys.modules:  # no adapter anywhere; PEFT's import takes seconds
+        return
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():

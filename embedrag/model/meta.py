@@ -17,7 +17,8 @@ from torch import nn
 
 
 class NetworkMismatch(RuntimeError):
-    """A process built another network than the main process; one line."""
+    """A process built another network than the main process did from the same files (a
+    model's own code that builds differently on the meta device, say)."""
 
 
 def empty_base(config: Any, dtype: torch.dtype, device: torch.device | str,
