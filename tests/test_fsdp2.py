@@ -8,6 +8,7 @@ import json
 import sys
 
 from embedrag.model.loading import load_embedder
+from tests.conftest import minilm_flags
 from tests.float64 import TOLERANCE
 from tests.helpers import (
     ENV,
@@ -64,30 +65,24 @@ def test_full_fine_tuning_under_fsdp2_equals_one_process_with_the_double_batch(
 
 
 def test_minilm_under_fsdp2_equals_one_process_with_the_double_batch(
-        minilm_without_dropout, manpages, tmp_path):
+        minilm_without_dropout, manpages, minilm_one_process, tmp_path):
     """The real all-MiniLM-L6-v2 (BERT blocks), 3 steps, with in-training evaluation through
     the sharded model on both sides. The main process alone reads the weights: the other
     learns from it which parameters the embedding never reaches (the pooler, frozen) and
     gets BERT's position and token-type buffers."""
     train, held_out = manpages
-    common = ["--finetune_type", "full", "--pooling", "mean", "--lr", "5e-5", "--epochs", "1",
-              "--neg_nums", "1", "--temperature", "0.05", "--query_max_len", "32",
-              "--passage_max_len", "48", "--eval_dataset", held_out, "--eval_batch_size", "8"]
-    run([*TORCHRUN, *FSDP2, *flags(minilm_without_dropout, train, tmp_path / "two", 4,
-                                   *common)], env=MAIN_LOADS)
-    run([sys.executable, *FLOAT64, *flags(minilm_without_dropout, train, tmp_path / "one", 8,
-                                          *common)])
-    assert [r["step"] for r in logs(tmp_path / "two")] == [1, 2, 3]
-    assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"),
-                        TOLERANCE)
-    evals = [_summary(tmp_path / d)["eval"]["metrics"]["ndcg@10"] for d in ("one", "two")]
+    one, two = minilm_one_process[0], tmp_path / "two"
+    run([*TORCHRUN, *FSDP2, *flags(minilm_without_dropout, train, two, 4,
+                                   *minilm_flags(held_out))], env=MAIN_LOADS)
+    assert [r["step"] for r in logs(two)] == [1, 2, 3]
+    assert_same_weights(weights(one / "final"), weights(two / "final"), TOLERANCE)
+    evals = [_summary(d)["eval"]["metrics"]["ndcg@10"] for d in (one, two)]
     assert abs(evals[0]["before"] - evals[1]["before"]) < 1e-9
     assert abs(evals[0]["after"] - evals[1]["after"]) < 1e-6
-    sharding = _summary(tmp_path / "two")["sharding"]
+    sharding = _summary(two)["sharding"]
     assert sharding["engine"] == "FSDP2"
-    assert [h["loaded_before_sharding"] for h in sharding["per_process"]][1] == 0
-    frozen = [_summary(tmp_path / d)["embedding"]["frozen_unused_parameters"]
-              for d in ("one", "two")]
+    assert _held(sharding, "loaded_before_sharding")[1] == 0
+    frozen = [_summary(d)["embedding"]["frozen_unused_parameters"] for d in (one, two)]
     assert frozen[0] == frozen[1] and any("pooler" in name for name in frozen[1])
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train as train_script
+from tests.conftest import minilm_flags
 from tests.float64 import TOLERANCE
 from tests.helpers import (
     ENV,
@@ -34,33 +35,30 @@ from tests.helpers import (
 
 
 def test_minilm_full_on_two_processes_equals_one_process_with_the_double_batch(
-        minilm_without_dropout, manpages, tmp_path, monkeypatch):
+        minilm_without_dropout, manpages, minilm_one_process, tmp_path, monkeypatch):
     """In float64 (tests/float64.py), so the two runs agree to TOLERANCE on any CPU. The user's
     own spelling, train.py starting its workers, then runs in float32 with the same workers and
     threads as torchrun's: the same arithmetic, so the same numbers."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's default, for the spawned workers
     train, held_out = manpages
-    common = ["--finetune_type", "full", "--pooling", "mean", "--lr", "5e-5", "--epochs", "1",
-              "--neg_nums", "1", "--temperature", "0.05", "--query_max_len", "32",
-              "--passage_max_len", "48", "--eval_dataset", held_out, "--eval_batch_size", "8"]
-    one = run([sys.executable, *FLOAT64,
-               *flags(minilm_without_dropout, train, tmp_path / "one", 8, *common)])
+    common = minilm_flags(held_out)
+    one, said = minilm_one_process
     run([*TORCHRUN, *FLOAT64,
          *flags(minilm_without_dropout, train, tmp_path / "two", 4, *common)])
     # 24 rows / (2 x 4) = 3 steps: past step 2, where DDP would stop on the unused pooler
-    runs = {d: logs(tmp_path / d) for d in ("one", "two")}
+    runs = {"one": logs(one), "two": logs(tmp_path / "two")}
     assert [r["step"] for r in runs["two"]] == list(range(1, 4))
     assert [r["loss"] for r in runs["two"]] == pytest.approx([r["loss"] for r in runs["one"]],
                                                              rel=0, abs=TOLERANCE)
-    assert_same_weights(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"),
+    assert_same_weights(weights(one / "final"), weights(tmp_path / "two" / "final"),
                         atol=TOLERANCE)
-    reports = {d: json.loads((tmp_path / d / "training_summary_report.json").read_text())
-               for d in ("one", "two")}
+    reports = {d: json.loads((folder / "training_summary_report.json").read_text())
+               for d, folder in (("one", one), ("two", tmp_path / "two"))}
     assert reports["two"]["world_size"] == 2
     config = json.loads((tmp_path / "two" / "final" / "training_config.json").read_text())
     assert config["frozen_unused_parameters"] == ["backbone.pooler.dense.weight",
                                                   "backbone.pooler.dense.bias"]
-    assert "frozen" in one.stdout + one.stderr
+    assert "frozen" in said
     # evaluation shared by the two processes: the same metrics
     one_eval, two_eval = (reports[d]["eval"]["metrics"] for d in ("one", "two"))
     for when in ("before", "after"):
