@@ -265,7 +265,7 @@ def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
     lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # autocast casts them
     head = load_head(cfg.model_name_or_path, recipe.dense)  # the model's Dense layers, if any
     if head is not None:
-        head.to(accelerator.device).requires_grad_(cfg.finetune_type == "full")
+        head.to(device).requires_grad_(cfg.finetune_type == "full")
     model = EmbeddingModel(backbone, cfg.pooling, head, recipe.dense)
     if main_loads:
         agree_with_main(model, main)
