@@ -19,8 +19,10 @@ sys.path.insert(0, ROOT)
 
 # The files whose tests run longest start first, so that the two workers of `pytest -n 2
 # --dist loadfile` end near the same time instead of one waiting on a late long file.
-LONG_FIRST = ("test_real_encoder.py", "test_launch.py", "test_fsdp2.py", "test_reliability.py",
-              "test_scale.py", "test_mixture.py", "test_streaming.py")
+# (Longest file first, by the files' measured totals.)
+LONG_FIRST = ("test_launch.py", "test_fsdp2.py", "test_reliability.py", "test_loop.py",
+              "test_evaluate.py", "test_real_encoder.py", "test_mixture.py", "test_scale.py",
+              "test_merge.py", "test_streaming.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
