@@ -17,22 +17,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one core per worker, f
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, ROOT)
 
-# The files whose tests run longest start first, so that the two workers of `pytest -n 2
-# --dist loadfile` end near the same time instead of one waiting on a late long file.
-# (Longest file first, by the files' measured totals.)
-LONG_FIRST = ("test_launch.py", "test_fsdp2.py", "test_reliability.py", "test_loop.py",
-              "test_evaluate.py", "test_real_encoder.py", "test_mixture.py", "test_scale.py",
-              "test_merge.py", "test_streaming.py")
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    def rank(item) -> int:
-        name = item.path.name
-        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
-
-    items.sort(key=rank)  # stable: the order within a file is kept
-
-
 def build_tiny_decoder(path: str, padding_side: str = "right") -> str:
     """A 2-layer Qwen2 (hidden 64: bitsandbytes' CPU 4-bit kernels need >= 64 inputs) with a
     byte-level BPE tokenizer trained here; no pad token, EOS not added, like gte-Qwen2's."""
