@@ -207,14 +207,6 @@ def manpages(tmp_path_factory):
     return paths
 
 
-def minilm_flags(held_out: str) -> list[str]:
-    """Full fine-tuning of all-MiniLM-L6-v2 on the man pages, 3 steps at 2 x 4 rows, with
-    in-training evaluation: the two-process tests' settings (DDP and FSDP2)."""
-    return ["--finetune_type", "full", "--pooling", "mean", "--lr", "5e-5", "--epochs", "1",
-            "--neg_nums", "1", "--temperature", "0.05", "--query_max_len", "32",
-            "--passage_max_len", "48", "--eval_dataset", held_out, "--eval_batch_size", "8"]
-
-
 @pytest.fixture(scope="session")
 def minilm_one_process(minilm_without_dropout, manpages, tmp_path_factory):
     """(output folder, stdout + stderr) of `minilm_flags` on one process with the double batch
@@ -222,7 +214,7 @@ def minilm_one_process(minilm_without_dropout, manpages, tmp_path_factory):
     its pytest-xdist workers included (they share the folder above their own, under a lock)."""
     from filelock import FileLock
 
-    from tests.helpers import FLOAT64, flags, run
+    from tests.helpers import FLOAT64, flags, minilm_flags, run
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base

@@ -159,3 +159,11 @@ def distinct_passages_per_rank(model, rows, seed, batch, neg_nums, epoch=1):
         counts.append([len({p for i in b for p in [data[i]["pos"], *data[i]["negs"]]})
                        for b in batches[step:step + 2]])
     return counts
+
+
+def minilm_flags(held_out: str) -> list[str]:
+    """Full fine-tuning of all-MiniLM-L6-v2 on the man pages, 3 steps at 2 x 4 rows, with
+    in-training evaluation: the two-process tests' settings (DDP and FSDP2)."""
+    return ["--finetune_type", "full", "--pooling", "mean", "--lr", "5e-5", "--epochs", "1",
+            "--neg_nums", "1", "--temperature", "0.05", "--query_max_len", "32",
+            "--passage_max_len", "48", "--eval_dataset", held_out, "--eval_batch_size", "8"]

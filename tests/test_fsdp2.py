@@ -8,7 +8,6 @@ import json
 import sys
 
 from embedrag.model.loading import load_embedder
-from tests.conftest import minilm_flags
 from tests.float64 import TOLERANCE
 from tests.helpers import (
     ENV,
@@ -21,6 +20,7 @@ from tests.helpers import (
     flags,
     learnable_rows,
     logs,
+    minilm_flags,
     run,
     weights,
     write_jsonl,

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import train as train_script
-from tests.conftest import minilm_flags
 from tests.float64 import TOLERANCE
 from tests.helpers import (
     ENV,
@@ -25,6 +24,7 @@ from tests.helpers import (
     flags,
     learnable_rows,
     logs,
+    minilm_flags,
     run,
     weights,
     write_jsonl,

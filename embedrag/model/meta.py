@@ -70,12 +70,15 @@ def agree_with_main(model: nn.Module, main: bool) -> None:
 
 
 def share_buffers(model: nn.Module) -> None:
-    """Broadcast the main process's buffers to every process (every process calls it once the
-    model is sharded): the others allocated theirs without values."""
+    """Broadcast the main process's buffers outside the state dict to every process (every
+    process calls it once the model is sharded): the others allocated them without values;
+    the state dict's own came with the shards."""
     import torch.distributed as dist
 
-    for _, buffer in sorted(model.named_buffers(), key=lambda item: item[0]):
-        dist.broadcast(buffer, src=0)
+    for module in model.modules():  # the same order on every process
+        for name in sorted(module._non_persistent_buffers_set):
+            if module._buffers.get(name) is not None:
+                dist.broadcast(module._buffers[name], src=0)
 
 
 def loaded_values(model: nn.Module) -> int:

@@ -258,8 +258,9 @@ def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
     from accelerate.utils import broadcast_object_list
 
     main = accelerator.is_main_process
+    reads = main or not main_loads  # this process reads the weights
     settings = dataclasses.replace(ModelSettings.from_config(cfg), sharded=sharded,
-                                   read_weights=main or not main_loads)
+                                   read_weights=reads)
     device = accelerator.device
     backbone, info = load_backbone(settings, device)
     lora_input_casts(backbone, enabled=cfg.mixed_precision == "no")  # autocast casts them
@@ -271,7 +272,7 @@ def make_model(cfg: TrainConfig, recipe: Any, model_config: Any, tokenizer: Any,
         agree_with_main(model, main)
     unused = []
     # Not for mixtures of experts: two tokens reach only the experts they are routed to.
-    if not routes_experts(model_config) and (main or not main_loads):
+    if not routes_experts(model_config) and reads:
         with shipped_code_errors(cfg.model_name_or_path, cfg.trust_remote_code), \
                 autocast(model, cfg.mixed_precision):
             unused = unreached_parameters(model, tokenizer)  # also the model's first forward
